@@ -1,0 +1,276 @@
+"""``Adan``: the optimizer class.  It owns parameter groups and state; the
+math lives in :mod:`adan_plugin.functional`."""
+from __future__ import annotations
+
+from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
+
+import torch
+from torch import Tensor
+from torch.optim.optimizer import Optimizer
+
+from . import _ext
+from .clip import clip_coefficient, grad_sq_norm
+from .functional import _multi_tensor_adan, _single_tensor_adan
+
+STATE_KEYS = ("exp_avg", "exp_avg_sq", "exp_avg_diff", "neg_pre_grad")
+# Keys of the moment buffers: without them a checkpoint cannot be resumed.
+_MOMENT_KEYS = STATE_KEYS[:3]
+
+
+def _check_hparams(group: Dict[str, Any]) -> None:
+    """Raise ``ValueError`` naming the first invalid hyper-parameter."""
+    for name in ("lr", "eps", "weight_decay", "max_grad_norm"):
+        value = group[name]
+        if isinstance(value, Tensor):
+            if value.numel() != 1:
+                raise ValueError(f"Adan: {name} must be a scalar, got a tensor of shape {tuple(value.shape)}")
+            continue
+        if not isinstance(value, (int, float)) or not value >= 0.0 or value == float("inf"):
+            raise ValueError(f"Adan: invalid {name}={value!r}; it must be a finite number >= 0")
+    betas = group["betas"]
+    if not isinstance(betas, (tuple, list)) or len(betas) != 3:
+        raise ValueError(f"Adan: betas must be a tuple of three floats (beta1, beta2, beta3), got {betas!r}")
+    for i, beta in enumerate(betas):
+        if not isinstance(beta, (int, float)) or not 0.0 <= beta < 1.0:
+            raise ValueError(f"Adan: invalid betas[{i}]={beta!r}; each beta must lie in [0, 1)")
+
+
+class Adan(Optimizer):
+    r"""Adan: Adaptive Nesterov Momentum (Xie et al., arXiv 2208.06677), Algorithm 1.
+
+    With g the (clipped) gradient, diff = g - g_prev (0 on a parameter's first
+    step) and k the group's step count::
+
+        m <- b1*m + (1-b1)*g
+        d <- b2*d + (1-b2)*diff
+        n <- b3*n + (1-b3)*(g + b2*diff)**2
+        denom = sqrt(n)/sqrt(1-b3**k) + eps
+        theta <- theta - lr/(1-b1**k) * m/denom - lr*b2/(1-b2**k) * d/denom
+        theta <- theta / (1 + lr*wd)          (no_prox=False, the paper's proximal step)
+        theta <- theta * (1 - lr*wd) first    (no_prox=True, decoupled decay as in AdamW)
+
+    ``betas`` follow the code convention of the official, timm and mmpretrain
+    implementations: they are the paper's ``1 - beta`` values.  The keyword
+    names are a superset of those three implementations, and the state keys
+    (``exp_avg``, ``exp_avg_sq``, ``exp_avg_diff``, ``neg_pre_grad`` and
+    ``group['step']``) are theirs, so checkpoints move between them.
+
+    Args:
+        params: parameters or parameter groups.
+        lr: learning rate.  Adan's peak lr is usually 5-10x AdamW's for vision.
+        betas: (beta1, beta2, beta3) in the code convention.
+        eps: added to the denominator.
+        weight_decay: decoupled weight decay.
+        max_grad_norm: when > 0, every gradient is scaled by
+            ``min(1, max_grad_norm / (||g|| + eps))`` with ``||g||`` the L2 norm
+            over all gradients of all groups.  Computed on the device; ``p.grad``
+            is never modified.
+        no_prox: apply weight decay AdamW-style instead of the proximal step.
+        caution: timm's "Cautious Optimizers" masking of the momentum term.
+        foreach: use the ``torch._foreach_*`` path; ``None`` picks the faster
+            path for the device (single-tensor on CPU, foreach on GPU).
+        fused: use the compiled kernels; ``None`` uses them when built and
+            supported for the parameters' device.
+    """
+
+    def __init__(
+        self,
+        params: Iterable,
+        lr: float = 1e-3,
+        betas: Tuple[float, float, float] = (0.98, 0.92, 0.99),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        max_grad_norm: float = 0.0,
+        no_prox: bool = False,
+        caution: bool = False,
+        foreach: Optional[bool] = None,
+        fused: Optional[bool] = None,
+    ):
+        defaults = dict(
+            lr=lr, betas=tuple(betas) if isinstance(betas, list) else betas, eps=eps,
+            weight_decay=weight_decay, max_grad_norm=max_grad_norm, no_prox=no_prox,
+            caution=caution, foreach=foreach, fused=fused,
+        )
+        _check_hparams(defaults)
+        if fused and foreach:
+            raise ValueError("Adan: fused=True and foreach=True are mutually exclusive")
+        super().__init__(params, defaults)
+
+    # ------------------------------------------------------------------ groups
+    def add_param_group(self, param_group: Dict[str, Any]) -> None:
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        try:
+            _check_hparams(group)
+            if group["max_grad_norm"] != self.defaults["max_grad_norm"]:
+                raise ValueError(
+                    "Adan: max_grad_norm clips the norm over all groups together, so it is set once "
+                    f"for the optimizer (got {group['max_grad_norm']!r} in a group, "
+                    f"{self.defaults['max_grad_norm']!r} for the optimizer)")
+            if group["fused"]:
+                self._check_fused_possible(group)
+        except Exception:
+            self.param_groups.pop()
+            raise
+
+    def _check_fused_possible(self, group: Dict[str, Any]) -> None:
+        if not _ext.extension_loaded():
+            raise RuntimeError(f"Adan(fused=True): {_ext.BUILD_HINT} (import error: {_ext.load_error()})")
+        for p in group["params"]:
+            if not _ext.fused_supported(p.device):
+                raise RuntimeError(
+                    f"Adan(fused=True): the fused kernels do not support parameters on {p.device}")
+
+    def __setstate__(self, state: Dict[str, Any]) -> None:
+        super().__setstate__(state)
+        for group in self.param_groups:
+            for key in ("max_grad_norm", "no_prox", "caution", "foreach", "fused"):
+                group.setdefault(key, self.defaults.get(key))
+        # mmpretrain's Adan keeps the previous gradient itself ('pre_grad');
+        # ours, like the official and timm versions, keeps its negation.
+        for st in self.state.values():
+            if "pre_grad" in st and "neg_pre_grad" not in st:
+                st["neg_pre_grad"] = st.pop("pre_grad").neg()
+
+    # ------------------------------------------------------------ checkpoints
+    def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
+        """Load a checkpoint from this class, the official, timm's or mmpretrain's Adan.
+
+        The checkpoint is checked completely before anything is changed, so a
+        truncated or mismatched one raises ``ValueError`` and leaves the
+        optimizer as it was.
+        """
+        self._validate_state_dict(state_dict)
+        super().load_state_dict(state_dict)
+
+    def _validate_state_dict(self, state_dict: Dict[str, Any]) -> None:
+        if not isinstance(state_dict, dict) or "state" not in state_dict or "param_groups" not in state_dict:
+            raise ValueError("Adan.load_state_dict: expected a dict with 'state' and 'param_groups' "
+                             f"(an optimizer state_dict), got {type(state_dict).__name__}"
+                             + (f" with keys {sorted(state_dict)}" if isinstance(state_dict, dict) else ""))
+        saved_groups = state_dict["param_groups"]
+        if len(saved_groups) != len(self.param_groups):
+            raise ValueError(f"Adan.load_state_dict: the checkpoint has {len(saved_groups)} parameter groups, "
+                             f"this optimizer has {len(self.param_groups)}")
+        index_to_param = {}
+        for gi, (saved, ours) in enumerate(zip(saved_groups, self.param_groups)):
+            if len(saved["params"]) != len(ours["params"]):
+                raise ValueError(f"Adan.load_state_dict: group {gi} has {len(saved['params'])} parameters in "
+                                 f"the checkpoint and {len(ours['params'])} here")
+            merged = {**self.defaults, **{k: v for k, v in saved.items() if k != "params"}}
+            _check_hparams(merged)
+            index_to_param.update(zip(saved["params"], ours["params"]))
+        for index, st in state_dict["state"].items():
+            if index not in index_to_param:
+                raise ValueError(f"Adan.load_state_dict: state for parameter id {index!r}, "
+                                 "which no parameter group lists")
+            param = index_to_param[index]
+            missing = [k for k in _MOMENT_KEYS if k not in st]
+            if missing:
+                raise ValueError(f"Adan.load_state_dict: the checkpoint is truncated: the state of parameter "
+                                 f"{index!r} lacks {missing}")
+            for key in STATE_KEYS + ("pre_grad",):
+                value = st.get(key)
+                if value is not None and tuple(value.shape) != tuple(param.shape):
+                    raise ValueError(f"Adan.load_state_dict: state '{key}' of parameter {index!r} has shape "
+                                     f"{tuple(value.shape)}, the parameter has {tuple(param.shape)}")
+
+    # ------------------------------------------------------------------ step
+    @torch.no_grad()
+    def restart_opt(self) -> None:
+        """Restart strategy (paper, Table 12): zero the moments and the step count.
+
+        The next step then treats every gradient as a first gradient.
+        """
+        for group in self.param_groups:
+            group["step"] = 0
+            for p in group["params"]:
+                state = self.state.get(p)
+                if state:
+                    for key in _MOMENT_KEYS:
+                        state[key].zero_()
+
+    def _gather(self, group: Dict[str, Any]) -> Tuple[List[Tensor], List[Tensor]]:
+        """Params with grads and their grads; raises before anything changes."""
+        params, grads = [], []
+        for p in group["params"]:
+            g = p.grad
+            if g is None:
+                continue
+            if g.is_sparse:
+                raise RuntimeError("Adan does not support sparse gradients; use a dense embedding "
+                                   "(sparse=False) or torch.optim.SparseAdam for that parameter")
+            if g.device != p.device:
+                raise RuntimeError(f"Adan: a gradient on {g.device} belongs to a parameter on {p.device}")
+            if g.dtype != p.dtype or g.shape != p.shape:
+                raise RuntimeError(f"Adan: gradient {g.dtype}{tuple(g.shape)} does not match its parameter "
+                                   f"{p.dtype}{tuple(p.shape)}")
+            params.append(p)
+            grads.append(g)
+        return params, grads
+
+    def _resolve_impl(self, group: Dict[str, Any], params: List[Tensor]) -> Callable:
+        if group["foreach"] is None:
+            foreach = all(p.device.type != "cpu" for p in params)
+        else:
+            foreach = group["foreach"]
+        return _multi_tensor_adan if foreach else _single_tensor_adan
+
+    def _init_state(self, group: Dict[str, Any], params: List[Tensor], grads: List[Tensor],
+                    grad_coef: Optional[Tensor]):
+        m, n, d, neg = [], [], [], []
+        first_step = group["step"] == 1
+        for p, g in zip(params, grads):
+            state = self.state[p]
+            if len(state) == 0:
+                for key in _MOMENT_KEYS:
+                    state[key] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            if first_step or "neg_pre_grad" not in state:
+                # A parameter's first gradient has no predecessor: seeding
+                # -g makes the difference zero, as Algorithm 1 specifies.
+                state["neg_pre_grad"] = g.neg() if grad_coef is None else (g * grad_coef).neg_()
+            m.append(state["exp_avg"])
+            n.append(state["exp_avg_sq"])
+            d.append(state["exp_avg_diff"])
+            neg.append(state["neg_pre_grad"])
+        return m, n, d, neg
+
+    @torch.no_grad()
+    def step(self, closure: Optional[Callable[[], Any]] = None):
+        """Perform one optimization step; ``closure`` re-evaluates the loss."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+
+        gathered = [self._gather(group) for group in self.param_groups]
+        grad_coef = None
+        if self.defaults["max_grad_norm"] > 0:
+            all_grads = [g for _, grads in gathered for g in grads]
+            if all_grads:
+                grad_coef = clip_coefficient(grad_sq_norm(all_grads), self.defaults["max_grad_norm"],
+                                             self.defaults["eps"])
+
+        for group, (params, grads) in zip(self.param_groups, gathered):
+            # Like the official, timm and mmpretrain versions, the step count
+            # advances for every group, with or without gradients.
+            group["step"] = int(group.get("step", 0)) + 1
+            if not params:
+                continue
+            m, n, d, neg = self._init_state(group, params, grads, grad_coef)
+            beta1, beta2, beta3 = group["betas"]
+            self._resolve_impl(group, params)(
+                params, grads, m, n, d, neg,
+                step=group["step"], lr=group["lr"], beta1=beta1, beta2=beta2, beta3=beta3,
+                eps=group["eps"], weight_decay=group["weight_decay"], no_prox=group["no_prox"],
+                caution=group["caution"], grad_coef=grad_coef,
+            )
+        return loss
+
+
+class FusedAdan(Adan):
+    """:class:`Adan` with ``fused=True``: the compiled kernels, or a clear error."""
+
+    def __init__(self, params: Iterable, *args, **kwargs):
+        kwargs.setdefault("fused", True)
+        super().__init__(params, *args, **kwargs)

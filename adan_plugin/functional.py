@@ -1,0 +1,137 @@
+"""The Adan update, written once per execution strategy.
+
+Every function here takes the same arguments: parallel lists of parameters,
+gradients and the four state tensors, plus keyword hyper-parameters.
+Betas follow the code convention (the paper's 1 - beta).  ``grad_coef`` is an
+optional 0-dim device tensor that multiplies every gradient (the global clip
+coefficient); the stored ``neg_pre_grad`` is the negated *scaled* gradient,
+as in the official implementation.
+
+On entry ``neg_pre_grads`` must hold minus the previous (scaled) gradient;
+the caller seeds it with ``-g`` on a parameter's first step so that the
+gradient difference is zero there.
+"""
+from __future__ import annotations
+
+import math
+from typing import List, Optional
+
+import torch
+from torch import Tensor
+
+
+def _bias_corrections(step: int, beta1: float, beta2: float, beta3: float):
+    bc1 = 1.0 - beta1 ** step
+    bc2 = 1.0 - beta2 ** step
+    bc3_sqrt = math.sqrt(1.0 - beta3 ** step)
+    return bc1, bc2, bc3_sqrt
+
+
+def _caution_mask(exp_avg: Tensor, grad: Tensor) -> Tensor:
+    # Cautious optimizers (arXiv 2411.16085), as timm applies them to Adan:
+    # keep the momentum term only where it agrees in sign with the gradient,
+    # rescaled so that the mean update magnitude is preserved.
+    mask = (exp_avg * grad > 0).to(grad.dtype)
+    return mask.div_(mask.mean().clamp_(min=1e-3))
+
+
+def _single_tensor_adan(
+    params: List[Tensor],
+    grads: List[Tensor],
+    exp_avgs: List[Tensor],
+    exp_avg_sqs: List[Tensor],
+    exp_avg_diffs: List[Tensor],
+    neg_pre_grads: List[Tensor],
+    *,
+    step: int,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    beta3: float,
+    eps: float,
+    weight_decay: float,
+    no_prox: bool,
+    caution: bool,
+    grad_coef: Optional[Tensor] = None,
+) -> None:
+    bc1, bc2, bc3_sqrt = _bias_corrections(step, beta1, beta2, beta3)
+    step_size = lr / bc1
+    step_size_diff = lr * beta2 / bc2
+    for param, grad, exp_avg, exp_avg_sq, exp_avg_diff, neg in zip(
+            params, grads, exp_avgs, exp_avg_sqs, exp_avg_diffs, neg_pre_grads):
+        if torch.is_complex(param):
+            param, grad, exp_avg, exp_avg_sq, exp_avg_diff, neg = (
+                torch.view_as_real(t) for t in (param, grad, exp_avg, exp_avg_sq, exp_avg_diff, neg))
+        if grad_coef is not None:
+            grad = grad * grad_coef
+        # ``neg`` is reused as scratch: first the difference g - g_prev, then
+        # g + beta2 * diff, and finally -g for the next step.
+        neg.add_(grad)
+        exp_avg.lerp_(grad, 1 - beta1)
+        exp_avg_diff.lerp_(neg, 1 - beta2)
+        neg.mul_(beta2).add_(grad)
+        exp_avg_sq.mul_(beta3).addcmul_(neg, neg, value=1 - beta3)
+        denom = exp_avg_sq.sqrt().div_(bc3_sqrt).add_(eps)
+        m = exp_avg * _caution_mask(exp_avg, grad) if caution else exp_avg
+        if weight_decay != 0 and no_prox:
+            param.mul_(1 - lr * weight_decay)
+        param.addcdiv_(m, denom, value=-step_size)
+        param.addcdiv_(exp_avg_diff, denom, value=-step_size_diff)
+        if weight_decay != 0 and not no_prox:
+            param.div_(1 + lr * weight_decay)
+        torch.neg(grad, out=neg)
+
+
+def _multi_tensor_adan(
+    params: List[Tensor],
+    grads: List[Tensor],
+    exp_avgs: List[Tensor],
+    exp_avg_sqs: List[Tensor],
+    exp_avg_diffs: List[Tensor],
+    neg_pre_grads: List[Tensor],
+    *,
+    step: int,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    beta3: float,
+    eps: float,
+    weight_decay: float,
+    no_prox: bool,
+    caution: bool,
+    grad_coef: Optional[Tensor] = None,
+) -> None:
+    if not params:
+        return
+    bc1, bc2, bc3_sqrt = _bias_corrections(step, beta1, beta2, beta3)
+    grouped = torch.optim.Optimizer._group_tensors_by_device_and_dtype(
+        [params, grads, exp_avgs, exp_avg_sqs, exp_avg_diffs, neg_pre_grads])
+    for (device_params, device_grads, device_m, device_n, device_d, device_neg), _ in grouped.values():
+        if torch.is_complex(device_params[0]):
+            device_params, device_grads, device_m, device_n, device_d, device_neg = (
+                [torch.view_as_real(t) for t in ts]
+                for ts in (device_params, device_grads, device_m, device_n, device_d, device_neg))
+        if grad_coef is not None:
+            coef = grad_coef.to(device_grads[0].device, non_blocking=True)
+            device_grads = torch._foreach_mul(device_grads, coef)
+        torch._foreach_add_(device_neg, device_grads)
+        torch._foreach_lerp_(device_m, device_grads, 1 - beta1)
+        torch._foreach_lerp_(device_d, device_neg, 1 - beta2)
+        torch._foreach_mul_(device_neg, beta2)
+        torch._foreach_add_(device_neg, device_grads)
+        torch._foreach_mul_(device_n, beta3)
+        torch._foreach_addcmul_(device_n, device_neg, device_neg, value=1 - beta3)
+        denom = torch._foreach_sqrt(device_n)
+        torch._foreach_div_(denom, bc3_sqrt)
+        torch._foreach_add_(denom, eps)
+        m = device_m
+        if caution:
+            m = torch._foreach_mul(device_m, [_caution_mask(a, g) for a, g in zip(device_m, device_grads)])
+        if weight_decay != 0 and no_prox:
+            torch._foreach_mul_(device_params, 1 - lr * weight_decay)
+        torch._foreach_addcdiv_(device_params, m, denom, value=-lr / bc1)
+        torch._foreach_addcdiv_(device_params, device_d, denom, value=-lr * beta2 / bc2)
+        if weight_decay != 0 and not no_prox:
+            torch._foreach_div_(device_params, 1 + lr * weight_decay)
+        torch._foreach_copy_(device_neg, device_grads)
+        torch._foreach_neg_(device_neg)
