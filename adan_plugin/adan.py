@@ -10,6 +10,8 @@ from torch.optim.optimizer import Optimizer
 
 from . import _ext
 from .clip import clip_coefficient, grad_sq_norm
+from .distributed import (any_sharded, check_grad_layout, check_process_group_spec, local_tensors,
+                          resolve_process_group)
 from .functional import _multi_tensor_adan, _single_tensor_adan
 
 STATE_KEYS = ("exp_avg", "exp_avg_sq", "exp_avg_diff", "neg_pre_grad")
@@ -71,6 +73,14 @@ class Adan(Optimizer):
             path for the device (single-tensor on CPU, foreach on GPU).
         fused: use the compiled kernels; ``None`` uses them when built and
             supported for the parameters' device.
+        clip_process_group: for sharded optimizers (torch's
+            ``ZeroRedundancyOptimizer``), where this optimizer holds only this
+            rank's share of the model: ``'world'`` or a ProcessGroup makes the
+            ``max_grad_norm`` norm global, an all-reduce (sum) of the squared
+            norm over that group, on the device.  ``None`` (default): the norm
+            of the gradients this optimizer holds.  Not needed for DDP (every
+            rank holds every gradient) nor FSDP2 (DTensor gradients are reduced
+            over their own mesh).  Every rank of the group must call ``step()``.
     """
 
     def __init__(
@@ -85,6 +95,7 @@ class Adan(Optimizer):
         caution: bool = False,
         foreach: Optional[bool] = None,
         fused: Optional[bool] = None,
+        clip_process_group=None,
     ):
         defaults = dict(
             lr=lr, betas=tuple(betas) if isinstance(betas, list) else betas, eps=eps,
@@ -94,6 +105,10 @@ class Adan(Optimizer):
         _check_hparams(defaults)
         if fused and foreach:
             raise ValueError("Adan: fused=True and foreach=True are mutually exclusive")
+        check_process_group_spec(clip_process_group)
+        # An attribute, not a group key: a ProcessGroup cannot go into a
+        # state_dict, and the norm spans all groups anyway.
+        self.clip_process_group = clip_process_group
         super().__init__(params, defaults)
 
     # ------------------------------------------------------------------ groups
@@ -121,8 +136,14 @@ class Adan(Optimizer):
                 raise RuntimeError(
                     f"Adan(fused=True): the fused kernels do not support parameters on {p.device}")
 
+    def __getstate__(self) -> Dict[str, Any]:
+        # Optimizer.__getstate__ keeps only defaults, state and groups; losing
+        # the group would silently turn a global clip into a local one.
+        return {**super().__getstate__(), "clip_process_group": self.clip_process_group}
+
     def __setstate__(self, state: Dict[str, Any]) -> None:
         super().__setstate__(state)
+        self.__dict__.setdefault("clip_process_group", None)
         for group in self.param_groups:
             for key in ("max_grad_norm", "no_prox", "caution", "foreach", "fused"):
                 group.setdefault(key, self.defaults.get(key))
@@ -205,6 +226,7 @@ class Adan(Optimizer):
             if g.dtype != p.dtype or g.shape != p.shape:
                 raise RuntimeError(f"Adan: gradient {g.dtype}{tuple(g.shape)} does not match its parameter "
                                    f"{p.dtype}{tuple(p.shape)}")
+            check_grad_layout(p, g)
             params.append(p)
             grads.append(g)
         return params, grads
@@ -247,9 +269,11 @@ class Adan(Optimizer):
         grad_coef = None
         if self.defaults["max_grad_norm"] > 0:
             all_grads = [g for _, grads in gathered for g in grads]
-            if all_grads:
-                grad_coef = clip_coefficient(grad_sq_norm(all_grads), self.defaults["max_grad_norm"],
-                                             self.defaults["eps"])
+            clip_group = resolve_process_group(self.clip_process_group)
+            # Under a sharded optimizer every rank joins the all-reduce, also one without gradients.
+            if all_grads or clip_group is not None:
+                grad_coef = clip_coefficient(grad_sq_norm(all_grads, process_group=clip_group),
+                                             self.defaults["max_grad_norm"], self.defaults["eps"])
 
         for group, (params, grads) in zip(self.param_groups, gathered):
             # Like the official, timm and mmpretrain versions, the step count
@@ -259,7 +283,16 @@ class Adan(Optimizer):
                 continue
             m, n, d, neg = self._init_state(group, params, grads, grad_coef)
             beta1, beta2, beta3 = group["betas"]
-            self._resolve_impl(group, params)(
+            impl = self._resolve_impl(group, params)
+            if group["caution"] and any_sharded(params):
+                # Caution rescales its mask by the mean over the whole parameter:
+                # DTensor ops compute it across shards (an all-reduce per parameter).
+                impl = _single_tensor_adan
+            else:
+                # The rest of the update is elementwise, so each rank updates its
+                # own shards; they share storage with the DTensors (FSDP2).
+                params, grads, m, n, d, neg = local_tensors(params, grads, m, n, d, neg)
+            impl(
                 params, grads, m, n, d, neg,
                 step=group["step"], lr=group["lr"], beta1=beta1, beta2=beta2, beta3=beta3,
                 eps=group["eps"], weight_decay=group["weight_decay"], no_prox=group["no_prox"],

@@ -3,38 +3,88 @@
 The official and mmpretrain Adans call ``.item()`` on the clip coefficient
 every step; here the coefficient stays a 0-dim device tensor that the update
 multiplies in, so ``step()`` never waits for the device.
+
+"Global" means over the whole model, also when the model is split across
+processes: DTensor gradients (FSDP2) are summed over the mesh dimensions
+they are sharded on, and plain gradients over ``process_group`` when a
+sharded optimizer (ZeRO) gives each rank only part of them.  Both sums are
+all-reduces of one scalar, queued on the device like any other kernel.
 """
 from __future__ import annotations
 
 from collections import defaultdict
-from typing import Iterable, Optional
+from typing import Dict, Iterable, List, Optional, Tuple
 
 import torch
+import torch.distributed as dist
 from torch import Tensor
 
+from .distributed import collective_device, is_dtensor, shard_groups
 
-def grad_sq_norm(grads: Iterable[Tensor], device: Optional[torch.device] = None) -> Tensor:
-    """Sum of squares of every element of ``grads``, as a 0-dim fp32 tensor.
 
-    Reductions run per device (one ``_foreach_norm`` launch each) in fp32 so
-    that fp16/bf16 gradients do not overflow; the partial sums are then
-    gathered on ``device`` (default: the first gradient's device).
-    """
-    by_device: dict[torch.device, list[Tensor]] = defaultdict(list)
-    for g in grads:
+def _local_sq_norm(tensors: List[Tensor], device: torch.device) -> Tensor:
+    """Sum of squares of plain tensors, per device in fp32, moved to ``device``."""
+    by_device: Dict[torch.device, List[Tensor]] = defaultdict(list)
+    for g in tensors:
         if torch.is_complex(g):
             g = torch.view_as_real(g)
         by_device[g.device].append(g)
-    if not by_device:
-        return torch.zeros((), dtype=torch.float32, device=device)
-    if device is None:
-        device = next(iter(by_device))
-    total = None
-    for dev, tensors in by_device.items():
-        norms = torch._foreach_norm(tensors, 2, dtype=torch.float32)
+    total = torch.zeros((), dtype=torch.float32, device=device)
+    for dev_tensors in by_device.values():
+        # fp32 accumulation, so that fp16/bf16 gradients do not overflow.
+        norms = torch._foreach_norm(dev_tensors, 2, dtype=torch.float32)
         part = torch.linalg.vector_norm(torch.stack(norms)).square()
-        part = part.to(device, non_blocking=True)
-        total = part if total is None else total + part
+        total = total + part.to(device, non_blocking=True)
+    return total
+
+
+def _all_reduce_sum(value: Tensor, groups: Tuple["dist.ProcessGroup", ...]) -> Tensor:
+    for group in groups:
+        dist.all_reduce(value, op=dist.ReduceOp.SUM, group=group)
+    return value
+
+
+def grad_sq_norm(grads: Iterable[Tensor], device: Optional[torch.device] = None,
+                 process_group: Optional["dist.ProcessGroup"] = None) -> Tensor:
+    """Sum of squares of every element of ``grads``, as a 0-dim fp32 tensor.
+
+    Args:
+        grads: plain tensors and/or DTensors.  A DTensor counts with its global
+            extent: the squares of the local shards are all-reduced over the
+            mesh dimensions it is sharded on (not over replicated ones).
+        device: where the result lives (default: the first gradient's local
+            device, else a device ``process_group`` can reduce on, else CPU).
+        process_group: when given, the plain gradients are one rank's share of
+            a model sharded over this group (ZeRO), and their sum of squares is
+            all-reduced over it.  Every rank of the group must call this, with
+            or without gradients.  DTensor gradients are not affected by it:
+            they carry their own sharding.
+
+    All ranks must pass gradients with the same DTensor layouts in the same
+    order (they do under FSDP2), since the all-reduces are issued in that order.
+    """
+    plain: List[Tensor] = []
+    # One all-reduce per distinct sharding, not one per gradient.
+    sharded: Dict[Tuple["dist.ProcessGroup", ...], List[Tensor]] = {}
+    for g in grads:
+        if is_dtensor(g):
+            sharded.setdefault(shard_groups(g), []).append(g.to_local())
+        else:
+            plain.append(g)
+    if device is None:
+        first = plain[0] if plain else next((ts[0] for ts in sharded.values()), None)
+        if first is not None:
+            device = first.device
+        elif process_group is not None:
+            device = collective_device(process_group)
+        else:
+            device = torch.device("cpu")
+
+    total = _local_sq_norm(plain, device)
+    if process_group is not None and dist.get_world_size(process_group) > 1:
+        _all_reduce_sum(total, (process_group,))
+    for groups, local_shards in sharded.items():
+        total = total + _all_reduce_sum(_local_sq_norm(local_shards, device), groups)
     return total
 
 
