@@ -13,6 +13,9 @@ from .clip import clip_coefficient, grad_sq_norm
 from .distributed import (any_sharded, check_grad_layout, check_process_group_spec, local_tensors,
                           resolve_process_group)
 from .functional import _multi_tensor_adan, _single_tensor_adan
+from .fused import fused_group_step
+
+_STATE_DTYPES = (None, torch.float32, torch.bfloat16, torch.float16)
 
 STATE_KEYS = ("exp_avg", "exp_avg_sq", "exp_avg_diff", "neg_pre_grad")
 # Keys of the moment buffers: without them a checkpoint cannot be resumed.
@@ -81,6 +84,18 @@ class Adan(Optimizer):
             of the gradients this optimizer holds.  Not needed for DDP (every
             rank holds every gradient) nor FSDP2 (DTensor gradients are reduced
             over their own mesh).  Every rank of the group must call ``step()``.
+        state_dtype: dtype of the four state tensors on the fused path
+            (``torch.bfloat16`` halves Adan's state memory for fp32
+            parameters); ``None``: the parameter's dtype.  Math stays fp32.
+        capturable: fused path only: keep the step count on the device so
+            ``step()`` can be captured in a CUDA graph (see ``adan_plugin.fused``).
+
+    With the fused kernels ``torch.amp.GradScaler.step()`` hands the loss
+    scale and ``found_inf`` to ``step()`` (``_step_supports_amp_scaling``):
+    gradients are unscaled in registers and an overflowing step is skipped on
+    the device, step count included.  The fused path does not implement
+    ``caution``: ``fused=None`` then picks an unfused path, ``fused=True``
+    raises ``ValueError``.
     """
 
     def __init__(
@@ -96,11 +111,13 @@ class Adan(Optimizer):
         foreach: Optional[bool] = None,
         fused: Optional[bool] = None,
         clip_process_group=None,
+        state_dtype: Optional[torch.dtype] = None,
+        capturable: bool = False,
     ):
         defaults = dict(
             lr=lr, betas=tuple(betas) if isinstance(betas, list) else betas, eps=eps,
             weight_decay=weight_decay, max_grad_norm=max_grad_norm, no_prox=no_prox,
-            caution=caution, foreach=foreach, fused=fused,
+            caution=caution, foreach=foreach, fused=fused, state_dtype=state_dtype, capturable=capturable,
         )
         _check_hparams(defaults)
         if fused and foreach:
@@ -122,11 +139,48 @@ class Adan(Optimizer):
                     "Adan: max_grad_norm clips the norm over all groups together, so it is set once "
                     f"for the optimizer (got {group['max_grad_norm']!r} in a group, "
                     f"{self.defaults['max_grad_norm']!r} for the optimizer)")
-            if group["fused"]:
+            self._check_fused_options(group)
+            if self._needs_fused(group):
                 self._check_fused_possible(group)
         except Exception:
             self.param_groups.pop()
             raise
+
+    @staticmethod
+    def _check_fused_options(group: Dict[str, Any]) -> None:
+        """Options only the fused kernels implement, and the one they do not."""
+        if group["state_dtype"] not in _STATE_DTYPES:
+            raise ValueError(f"Adan: state_dtype must be one of {_STATE_DTYPES}, got {group['state_dtype']!r}")
+        if group["fused"] is False and (group["state_dtype"] is not None or group["capturable"]):
+            raise ValueError("Adan: state_dtype and capturable need the fused kernels; they cannot be "
+                             "combined with fused=False")
+        if group["foreach"] and (group["state_dtype"] is not None or group["capturable"]):
+            raise ValueError("Adan: state_dtype and capturable need the fused kernels; they cannot be "
+                             "combined with foreach=True")
+        if (group["fused"] or group["state_dtype"] is not None or group["capturable"]) and group["caution"]:
+            raise ValueError("Adan: the fused kernels do not implement caution=True (its per-tensor "
+                             "mask mean needs a second pass); use fused=None or fused=False")
+
+    @staticmethod
+    def _needs_fused(group: Dict[str, Any]) -> bool:
+        return bool(group["fused"]) or (group["fused"] is None and (
+            group["state_dtype"] is not None or bool(group["capturable"])))
+
+    def _uses_fused(self, group: Dict[str, Any]) -> bool:
+        """Whether ``group`` steps with the fused kernels (decided on all its parameters)."""
+        if group["fused"] is not None:
+            return bool(group["fused"])
+        if self._needs_fused(group):  # state_dtype / capturable: fused or a clear error
+            return True
+        if group["foreach"] or group["caution"]:
+            return False
+        return all(_ext.fused_supported(p.device) for p in group["params"])
+
+    @property
+    def _step_supports_amp_scaling(self) -> bool:
+        # GradScaler.step() then hands grad_scale/found_inf to step() instead
+        # of unscaling the gradients and syncing on found_inf itself.
+        return all(self._uses_fused(group) for group in self.param_groups)
 
     def _check_fused_possible(self, group: Dict[str, Any]) -> None:
         if not _ext.extension_loaded():
@@ -145,7 +199,7 @@ class Adan(Optimizer):
         super().__setstate__(state)
         self.__dict__.setdefault("clip_process_group", None)
         for group in self.param_groups:
-            for key in ("max_grad_norm", "no_prox", "caution", "foreach", "fused"):
+            for key in ("max_grad_norm", "no_prox", "caution", "foreach", "fused", "state_dtype", "capturable"):
                 group.setdefault(key, self.defaults.get(key))
         # mmpretrain's Adan keeps the previous gradient itself ('pre_grad');
         # ours, like the official and timm versions, keeps its negation.
@@ -163,6 +217,16 @@ class Adan(Optimizer):
         """
         self._validate_state_dict(state_dict)
         super().load_state_dict(state_dict)
+        # torch casts every state tensor to its parameter's dtype on load;
+        # reduced-precision states (state_dtype) go back to their dtype.
+        for group in self.param_groups:
+            if group.get("state_dtype") is None:
+                continue
+            for p in group["params"]:
+                st = self.state.get(p, {})
+                for key in STATE_KEYS:
+                    if key in st and st[key].dtype != group["state_dtype"]:
+                        st[key] = st[key].to(group["state_dtype"])
 
     def _validate_state_dict(self, state_dict: Dict[str, Any]) -> None:
         if not isinstance(state_dict, dict) or "state" not in state_dict or "param_groups" not in state_dict:
@@ -204,7 +268,10 @@ class Adan(Optimizer):
         The next step then treats every gradient as a first gradient.
         """
         for group in self.param_groups:
-            group["step"] = 0
+            if isinstance(group.get("step"), Tensor):
+                group["step"].zero_()  # in place: a captured CUDA graph keeps reading it
+            else:
+                group["step"] = 0
             for p in group["params"]:
                 state = self.state.get(p)
                 if state:
@@ -266,16 +333,26 @@ class Adan(Optimizer):
                 loss = closure()
 
         gathered = [self._gather(group) for group in self.param_groups]
+        # Set by torch.amp.GradScaler.step() when _step_supports_amp_scaling:
+        # device tensors, never read here.
+        grad_scale = getattr(self, "grad_scale", None)
+        found_inf = getattr(self, "found_inf", None)
         grad_coef = None
         if self.defaults["max_grad_norm"] > 0:
             all_grads = [g for _, grads in gathered for g in grads]
             clip_group = resolve_process_group(self.clip_process_group)
             # Under a sharded optimizer every rank joins the all-reduce, also one without gradients.
             if all_grads or clip_group is not None:
-                grad_coef = clip_coefficient(grad_sq_norm(all_grads, process_group=clip_group),
-                                             self.defaults["max_grad_norm"], self.defaults["eps"])
+                sq_norm = grad_sq_norm(all_grads, process_group=clip_group)
+                if grad_scale is not None:
+                    # Clip the unscaled gradients: ||g / s||^2 = ||g||^2 / s^2.
+                    sq_norm = sq_norm / grad_scale.to(sq_norm.device, torch.float32, non_blocking=True).square()
+                grad_coef = clip_coefficient(sq_norm, self.defaults["max_grad_norm"], self.defaults["eps"])
 
         for group, (params, grads) in zip(self.param_groups, gathered):
+            if self._uses_fused(group):
+                fused_group_step(self, group, params, grads, grad_coef, grad_scale, found_inf)
+                continue
             # Like the official, timm and mmpretrain versions, the step count
             # advances for every group, with or without gradients.
             group["step"] = int(group.get("step", 0)) + 1

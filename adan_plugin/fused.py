@@ -1,0 +1,177 @@
+"""The fused Adan path: one ``torch.ops.adan_plugin.fused_adan_`` call per
+(device, parameter dtype, state dtype) reads p, g, m, n, d, neg_pre_grad and
+writes all but g, in one pass over memory.
+
+Two ways to count steps:
+
+* host mode (default): ``group['step']`` is a Python int, as in the unfused
+  paths and the official/timm/mmpretrain Adans;
+* device mode (``capturable=True`` or AMP ``found_inf`` given):
+  ``group['step']`` is a 0-dim float32 tensor on the parameters' device and
+  every parameter's state holds its own ``'step'`` tensor.  Both advance by
+  ``1 - found_inf`` on the device, so a skipped AMP step changes nothing and
+  the host never waits.  A parameter's first step (difference zero) is
+  recognised on the device from its own count, so it stays right when
+  GradScaler skips the very first steps or a gradient first arrives late.
+"""
+from __future__ import annotations
+
+from typing import Any, Dict, List, Optional, Union
+
+import torch
+from torch import Tensor
+
+from . import _ext
+from .distributed import local_tensors
+
+STATE_KEYS = ("exp_avg", "exp_avg_sq", "exp_avg_diff", "neg_pre_grad")
+
+
+def _scalar_on(t: Optional[Tensor], device: torch.device) -> Optional[Tensor]:
+    if t is None or (t.device == device and t.dtype == torch.float32):
+        return t
+    return t.to(device=device, dtype=torch.float32, non_blocking=True)
+
+
+def _fused_adan(
+    params: List[Tensor],
+    grads: List[Tensor],
+    exp_avgs: List[Tensor],
+    exp_avg_sqs: List[Tensor],
+    exp_avg_diffs: List[Tensor],
+    neg_pre_grads: List[Tensor],
+    *,
+    step: Union[int, Tensor],
+    lr: float,
+    beta1: float,
+    beta2: float,
+    beta3: float,
+    eps: float,
+    weight_decay: float,
+    no_prox: bool,
+    caution: bool,
+    grad_coef: Optional[Tensor] = None,
+    grad_scale: Optional[Tensor] = None,
+    found_inf: Optional[Tensor] = None,
+    param_steps: Optional[List[Tensor]] = None,
+    first: bool = False,
+) -> None:
+    """Same contract as ``_single_tensor_adan``, plus:
+
+    step: a host int, or a 0-dim float32 device tensor (device mode).
+    grad_scale: gradients are divided by it (AMP), in registers.
+    found_inf: when nonzero, nothing is written (decided on the device).
+    param_steps: per-parameter step tensors (device mode); a parameter whose
+        count is 1 takes its first step (gradient difference zero).
+    first: every parameter takes its first step; ``neg_pre_grads`` are then
+        only written, never read.
+
+    Unlike the unfused paths, ``neg_pre_grads`` need not be seeded with -g:
+    first steps are known from ``step``/``param_steps``/``first``.
+    States may have another dtype than the parameters (``state_dtype``).
+    """
+    if caution:
+        raise ValueError("Adan: the fused kernels do not implement caution=True; use fused=False")
+    if not params:
+        return
+    if not _ext.extension_loaded():
+        raise RuntimeError(f"Adan(fused=True): {_ext.BUILD_HINT} (import error: {_ext.load_error()})")
+    step_tensor = step if isinstance(step, Tensor) else None
+    host_step = 0.0 if step_tensor is not None else float(step)
+    buckets: Dict[Any, List[int]] = {}
+    for i, (p, m) in enumerate(zip(params, exp_avgs)):
+        buckets.setdefault((p.device, p.dtype, m.dtype), []).append(i)
+    for (device, _, _), idx in buckets.items():
+        lists = [[ts[i] for i in idx] for ts in (params, grads, exp_avgs, exp_avg_sqs, exp_avg_diffs, neg_pre_grads)]
+        if torch.is_complex(lists[0][0]):
+            lists = [[torch.view_as_real(t) for t in ts] for ts in lists]
+        torch.ops.adan_plugin.fused_adan_(
+            *lists,
+            lr=float(lr), beta1=beta1, beta2=beta2, beta3=beta3, eps=eps, weight_decay=weight_decay,
+            no_prox=bool(no_prox), step=host_step, first=bool(first),
+            step_tensor=_scalar_on(step_tensor, device),
+            param_steps=[param_steps[i] for i in idx] if param_steps is not None else [],
+            grad_coef=_scalar_on(grad_coef, device), grad_scale=_scalar_on(grad_scale, device),
+            found_inf=_scalar_on(found_inf, device),
+        )
+
+
+def _device_step(value: Any, device: torch.device) -> Tensor:
+    if isinstance(value, Tensor):
+        if value.device == device and value.dtype == torch.float32 and value.dim() == 0:
+            return value
+        return value.to(device=device, dtype=torch.float32).reshape(())
+    # A fill kernel, not a host-to-device copy: fine under sync-debug mode.
+    return torch.full((), float(value), dtype=torch.float32, device=device)
+
+
+def fused_group_step(optimizer, group: Dict[str, Any], params: List[Tensor], grads: List[Tensor],
+                     grad_coef: Optional[Tensor], grad_scale: Optional[Tensor],
+                     found_inf: Optional[Tensor]) -> None:
+    """Advance ``group``'s step count and apply the fused update to ``params``."""
+    device_mode = bool(group.get("capturable")) or found_inf is not None
+    state_dtype = group.get("state_dtype")
+    fresh: List[bool] = []
+    m, n, d, neg, param_steps = [], [], [], [], []
+    if device_mode:
+        home = (params or group["params"])[0].device
+        step_t = _device_step(group.get("step", 0), home)
+        group["step"] = step_t
+    for p in params:
+        state = optimizer.state[p]
+        sd = state_dtype or p.dtype
+        is_fresh = len(state) == 0 or "neg_pre_grad" not in state
+        if len(state) == 0:
+            for key in STATE_KEYS[:3]:
+                state[key] = torch.zeros_like(p, dtype=sd, memory_format=torch.preserve_format)
+        if "neg_pre_grad" not in state:
+            state["neg_pre_grad"] = torch.zeros_like(state["exp_avg"], memory_format=torch.preserve_format)
+        if device_mode:
+            ps = state.get("step")
+            if ps is None:
+                # Fresh parameters count from 0 (their first fused step makes
+                # it 1 = first step); state from elsewhere is as old as its group.
+                ps = torch.zeros((), dtype=torch.float32, device=p.device) if is_fresh else step_t.clone()
+            state["step"] = ps = _device_step(ps, p.device)
+            if is_fresh:
+                ps.zero_()
+            param_steps.append(ps)
+        fresh.append(is_fresh)
+        m.append(state["exp_avg"])
+        n.append(state["exp_avg_sq"])
+        d.append(state["exp_avg_diff"])
+        neg.append(state["neg_pre_grad"])
+
+    beta1, beta2, beta3 = group["betas"]
+    hyper = dict(lr=group["lr"], beta1=beta1, beta2=beta2, beta3=beta3, eps=group["eps"],
+                 weight_decay=group["weight_decay"], no_prox=group["no_prox"], caution=group["caution"],
+                 grad_coef=grad_coef, grad_scale=grad_scale, found_inf=found_inf)
+    if device_mode:
+        inc: Union[int, Tensor] = 1 if found_inf is None else 1 - _scalar_on(found_inf, step_t.device)
+        step_t.add_(inc)
+        if param_steps:
+            if isinstance(inc, Tensor):
+                by_dev: Dict[torch.device, List[Tensor]] = {}
+                for ps in param_steps:
+                    by_dev.setdefault(ps.device, []).append(ps)
+                for dev, steps in by_dev.items():
+                    torch._foreach_add_(steps, _scalar_on(inc, dev))
+            else:
+                torch._foreach_add_(param_steps, 1)
+            params, grads, m, n, d, neg = local_tensors(params, grads, m, n, d, neg)
+            _fused_adan(params, grads, m, n, d, neg, step=step_t, param_steps=param_steps, **hyper)
+        return
+
+    group["step"] = int(group.get("step", 0)) + 1
+    if not params:
+        return
+    # DTensor (FSDP2) shards: the update is elementwise, so each rank updates its own.
+    params, grads, m, n, d, neg = local_tensors(params, grads, m, n, d, neg)
+    # Parameters without a previous gradient take their first step in a call
+    # of their own (usually none; all of them on a group's first step).
+    for want_first in (False, True):
+        idx = [i for i, f in enumerate(fresh) if f == want_first]
+        if idx:
+            pick = lambda ts: [ts[i] for i in idx]  # noqa: E731
+            _fused_adan(pick(params), pick(grads), pick(m), pick(n), pick(d), pick(neg),
+                        step=group["step"], first=want_first, **hyper)
