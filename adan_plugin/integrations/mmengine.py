@@ -22,9 +22,10 @@ import logging
 import warnings
 
 from mmengine.logging import print_log
-from mmengine.registry import OPTIMIZERS, Registry
+from mmengine.registry import OPTIMIZERS, Registry, build_from_cfg
 
 from ..adan import Adan, FusedAdan
+from .mmengine_options import optimizer_options_from_config
 from .mmengine_package_configs import enable_package_base_configs
 from .mmengine_zero import ZeroRedundancyOptimizer
 
@@ -37,6 +38,7 @@ def register() -> None:
     OPTIMIZERS.register_module(name="Adan", module=Adan, force=True)
     OPTIMIZERS.register_module(name="FusedAdan", module=FusedAdan, force=True)
     OPTIMIZERS.register_module(name="ZeroRedundancyOptimizer", module=ZeroRedundancyOptimizer, force=True)
+    OPTIMIZERS.build_func = build_optimizer
     enable_package_base_configs()
     for scope in _SCOPES_WITH_OWN_ADAN:
         if importlib.util.find_spec(scope) is None:
@@ -48,6 +50,26 @@ def register() -> None:
                           RuntimeWarning, stacklevel=2)
             continue
         claim_adan(registry)
+
+
+def build_optimizer(cfg, registry: Registry, default_args=None):
+    """mmengine's ``build_from_cfg``, reading Adan's options as a config writes them.
+
+    For an Adan type, an unknown option is named with the closest known one,
+    and ``state_dtype='bfloat16'`` becomes ``torch.bfloat16``; any other type
+    is built exactly as mmengine would.
+    """
+    cls = cfg.get("type") if isinstance(cfg, dict) else None
+    if isinstance(cls, str):
+        with registry.switch_scope_and_registry(cfg.get("_scope_")) as scoped:
+            try:
+                cls = scoped.get(cls)
+            except RuntimeError:  # unknown name: build_from_cfg raises mmengine's own error
+                cls = None
+    if isinstance(cls, type) and issubclass(cls, Adan):
+        options = optimizer_options_from_config(cls, {k: v for k, v in cfg.items() if k != "type"})
+        cfg = type(cfg)(type=cfg["type"], **options)
+    return build_from_cfg(cfg, registry, default_args)
 
 
 def claim_adan(registry: Registry) -> None:
@@ -68,6 +90,7 @@ def claim_adan(registry: Registry) -> None:
         _replace_theirs(registry)
 
     registry.import_from_location = import_from_location_then_claim
+    registry.build_func = build_optimizer  # it copied the root's when it was created
     registry._adan_plugin_claimed = True
     if registry._imported:
         _replace_theirs(registry)

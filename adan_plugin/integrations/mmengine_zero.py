@@ -15,7 +15,6 @@ the one single-process training would apply.
 """
 from __future__ import annotations
 
-import difflib
 import inspect
 from typing import Any, Optional, Type, Union
 
@@ -25,9 +24,11 @@ from mmengine.registry import OPTIMIZERS
 from torch.distributed.optim import ZeroRedundancyOptimizer as _TorchZero
 
 from ..adan import Adan
+from .mmengine_options import optimizer_options_from_config
 
-# Keywords of torch's ZeroRedundancyOptimizer itself; all others go to the local optimizer.
-_ZERO_KEYS = ("process_group", "parameters_as_bucket_view", "overlap_with_ddp")
+# Keywords of torch's ZeroRedundancyOptimizer itself (besides process_group); all
+# others are the local optimizer's.
+_ZERO_KEYS = ("parameters_as_bucket_view", "overlap_with_ddp")
 
 
 def resolve_optimizer_class(optimizer_type: Union[str, Type[torch.optim.Optimizer]]) -> Type[torch.optim.Optimizer]:
@@ -48,24 +49,6 @@ def resolve_optimizer_class(optimizer_type: Union[str, Type[torch.optim.Optimize
     return optimizer_type
 
 
-def check_optimizer_kwargs(optimizer_class: type, kwargs: dict) -> None:
-    """Raise ``TypeError`` naming an option ``optimizer_class`` does not take, with the closest match."""
-    params = inspect.signature(optimizer_class.__init__).parameters
-    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
-        return
-    known = [name for name in params if name not in ("self", "params")]
-    for key in kwargs:
-        if key not in known:
-            close = difflib.get_close_matches(key, known, n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
-            raise TypeError(f"{optimizer_class.__name__}: unknown option {key!r}{hint}; "
-                            f"its options are {', '.join(known)}")
-
-
-def _takes(optimizer_class: type, name: str) -> bool:
-    return name in inspect.signature(optimizer_class.__init__).parameters
-
-
 class ZeroRedundancyOptimizer(_MMEngineZero):
     """ZeRO-1 (optimizer state sharding) for any registered optimizer, Adan included.
 
@@ -84,17 +67,13 @@ class ZeroRedundancyOptimizer(_MMEngineZero):
     def __init__(self, params, optimizer_type: Union[str, type], process_group: Optional[Any] = None,
                  **kwargs):
         optimizer_class = resolve_optimizer_class(optimizer_type)
-        optimizer_kwargs = {k: v for k, v in kwargs.items() if k not in _ZERO_KEYS}
-        check_optimizer_kwargs(optimizer_class, optimizer_kwargs)
+        zero_kwargs = {k: kwargs.pop(k) for k in _ZERO_KEYS if k in kwargs}
+        kwargs = optimizer_options_from_config(optimizer_class, kwargs)
         if issubclass(optimizer_class, Adan) and kwargs.get("max_grad_norm", 0) > 0:
-            if not _takes(optimizer_class, "clip_process_group"):
-                raise RuntimeError(
-                    "ZeroRedundancyOptimizer with Adan(max_grad_norm > 0): this Adan cannot all-reduce "
-                    "the gradient norm across ranks (no clip_process_group option), so each rank would clip "
-                    "its shard by the shard's norm. Set max_grad_norm=0 or update adan_plugin.")
             kwargs.setdefault("clip_process_group", process_group if process_group is not None else "world")
         params = list(params)
         # mmengine's __init__ would resolve optimizer_type in torch.optim only; its
         # checks (torch >= 1.12, rpc) hold for every torch this package supports.
-        _TorchZero.__init__(self, params, optimizer_class, process_group=process_group, **kwargs)
+        _TorchZero.__init__(self, params, optimizer_class, process_group=process_group, **zero_kwargs,
+                            **kwargs)
 
