@@ -127,23 +127,34 @@ def test_clip_is_binding_and_varies(ref):
     assert max_abs_diff(unclipped, ref[0]) > 100 * ATOL
 
 
+def path_variants():
+    """Every implementation path; the fused one when the extension is built."""
+    variants = {"single": dict(foreach=False, fused=False), "foreach": dict(foreach=True, fused=False)}
+    if _ext.fused_supported(torch.device("cpu")):
+        variants["fused"] = dict(fused=True)
+    return variants
+
+
 # --------------------------------------------------------------------- DDP
-def _ddp_worker(rank, out_dir):
+def _ddp_worker(rank, out_dir, variants):
     from torch.nn.parallel import DistributedDataParallel as DDP
     result = {}
-    for name, kw in (("single", dict(foreach=False)), ("foreach", dict(foreach=True))):
+    for name, kw in variants.items():
         model = DDP(make_model())
         opt = Adan(model.parameters(), **HP, **kw)
         train(model, opt, range(STEPS), rank)
         result[name] = _params(model.module)
+        result[name + "_ran_fused"] = opt._uses_fused(opt.param_groups[0])
     return result
 
 
 def test_ddp_matches_single_process(tmp_path, ref):
-    results = spawn(_ddp_worker, tmp_path)
+    variants = path_variants()
+    results = spawn(_ddp_worker, tmp_path, variants)
     for rank, res in enumerate(results):
-        for name in ("single", "foreach"):
+        for name in variants:
             assert_params_close(res[name], ref[0], f"DDP rank {rank} {name}")
+            assert res[name + "_ran_fused"] == (name == "fused")
 
 
 # -------------------------------------------------------------------- ZeRO
@@ -231,17 +242,6 @@ def test_zero_global_clip_matches_single_process_and_local_clip_does_not(tmp_pat
         torch.testing.assert_close(res["lone"], lone.detach(), rtol=RTOL, atol=ATOL)
 
 
-# ------------------------------------------------------------------- FSDP2
-FSDP_VARIANTS = {
-    "single": dict(foreach=False, fused=False),
-    "foreach": dict(foreach=True, fused=False),
-    "caution": dict(foreach=False, fused=False, caution=True),
-    "no_prox": dict(foreach=False, fused=False, no_prox=True),
-}
-
-
-def _fused_cpu() -> bool:
-    return _ext.fused_supported(torch.device("cpu"))
 
 
 def _fsdp_worker(rank, out_dir, variants):
@@ -269,6 +269,7 @@ def _fsdp_worker(rank, out_dir, variants):
         model, opt = build(**kw)
         train(model, opt, range(STEPS), rank)
         result[name] = full(model)
+        result[name + "_ran_fused"] = opt._uses_fused(opt.param_groups[0])
         if name == "single":
             result["local_shapes"] = [tuple(p.to_local().shape) for p in model.parameters()]
             result["state_is_dtensor"] = all(isinstance(v, DTensor) for st in opt.state.values()
@@ -312,9 +313,9 @@ def _fsdp_worker(rank, out_dir, variants):
 
 
 def test_fsdp2_matches_single_process_and_resumes_with_dcp(tmp_path, ref):
-    variants = dict(FSDP_VARIANTS)
-    if _fused_cpu():
-        variants["fused"] = dict(fused=True)
+    variants = {**path_variants(),
+                "caution": dict(foreach=False, fused=False, caution=True),
+                "no_prox": dict(foreach=False, fused=False, no_prox=True)}
     results = spawn(_fsdp_worker, tmp_path, variants)
     refs = {name: reference(**{k: v for k, v in kw.items() if k not in ("foreach", "fused")})[0]
             for name, kw in variants.items()}
@@ -322,6 +323,7 @@ def test_fsdp2_matches_single_process_and_resumes_with_dcp(tmp_path, ref):
         assert res["state_is_dtensor"]
         for name in variants:
             assert_params_close(res[name], refs[name], f"FSDP2 rank {rank} {name}")
+            assert res[name + "_ran_fused"] == (name == "fused")
         assert res["resumed_step"] == RESUME_AT
         for got, want in zip(res["resumed"], res["straight"]):
             assert torch.equal(got, want), f"FSDP2 DCP resume diverged on rank {rank}"
