@@ -26,10 +26,21 @@ def extension_loaded() -> bool:
     if _loaded is None:
         try:
             from . import _C  # noqa: F401  (registers torch.ops.adan_plugin)
+            _register_fake()
             _loaded = True
         except (ImportError, OSError) as err:
             _loaded, _load_error = False, err
     return _loaded
+
+
+def _register_fake() -> None:
+    # The op returns nothing and only mutates its (declared) arguments, so
+    # tracing (torch.compile, FakeTensor) needs no shape logic.
+    @torch.library.register_fake("adan_plugin::fused_adan_")
+    def _fused_adan_fake(params, grads, exp_avgs, exp_avg_sqs, exp_avg_diffs, neg_pre_grads, *, lr, beta1,
+                         beta2, beta3, eps, weight_decay, no_prox, step, first, step_tensor=None,
+                         param_steps=(), grad_coef=None, grad_scale=None, found_inf=None) -> None:
+        return None
 
 
 def load_error() -> Optional[BaseException]:

@@ -16,6 +16,8 @@ from .functional import _multi_tensor_adan, _single_tensor_adan
 from .fused import fused_group_step
 
 _STATE_DTYPES = (None, torch.float32, torch.bfloat16, torch.float16)
+# Group keys that choose an execution path; load_state_dict keeps the current ones.
+_IMPL_KEYS = ("foreach", "fused", "state_dtype", "capturable")
 
 STATE_KEYS = ("exp_avg", "exp_avg_sq", "exp_avg_diff", "neg_pre_grad")
 # Keys of the moment buffers: without them a checkpoint cannot be resumed.
@@ -216,7 +218,12 @@ class Adan(Optimizer):
         optimizer as it was.
         """
         self._validate_state_dict(state_dict)
+        # How to run is this optimizer's choice, not the checkpoint's: a
+        # checkpoint from a fused run must load where the kernels are absent.
+        impl = [{k: g.get(k) for k in _IMPL_KEYS} for g in self.param_groups]
         super().load_state_dict(state_dict)
+        for group, keep in zip(self.param_groups, impl):
+            group.update(keep)
         # torch casts every state tensor to its parameter's dtype on load;
         # reduced-precision states (state_dtype) go back to their dtype.
         for group in self.param_groups:

@@ -1,0 +1,385 @@
+"""The fused CPU kernels (adan_plugin._C) against the float64 reference and the unfused paths."""
+import copy
+import random
+
+import pytest
+import torch
+
+from adan_plugin import Adan, FusedAdan, _ext
+from adan_plugin.fused import _fused_adan
+from adan_plugin.functional import _single_tensor_adan
+from problems import make_problem, param_groups, reference_groups, run_torch
+from reference import RefAdan
+
+pytestmark = pytest.mark.skipif(not _ext.extension_loaded(), reason="adan_plugin._C is not built")
+
+STATE_KEYS = ("exp_avg", "exp_avg_sq", "exp_avg_diff", "neg_pre_grad")
+
+
+def _reference(prob, steps=None):
+    ref = RefAdan(reference_groups(prob), max_grad_norm=prob.max_grad_norm)
+    for grads in prob.grads[:steps]:
+        ref.step(grads)
+    return ref
+
+
+def _assert_tracks(groups, ref, rtol, atol):
+    for ours, theirs in zip(groups, ref.params()):
+        for p, r in zip(ours["params"], theirs):
+            torch.testing.assert_close(p.detach().double(), r, rtol=rtol, atol=atol)
+
+
+def _snapshot(opt, groups):
+    params = [p.detach().clone() for g in groups for p in g["params"]]
+    state = {id(p): {k: (v.clone() if torch.is_tensor(v) else v) for k, v in st.items()}
+             for p, st in opt.state.items()}
+    steps = [g["step"].clone() if torch.is_tensor(g.get("step")) else g.get("step") for g in opt.param_groups]
+    return params, state, steps
+
+
+def _assert_bit_identical(a, b):
+    (pa, sa, ka), (pb, sb, kb) = a, b
+    assert all(torch.equal(x, y) for x, y in zip(pa, pb))
+    assert sa.keys() == sb.keys()
+    for key in sa:
+        assert sa[key].keys() == sb[key].keys()
+        for k in sa[key]:
+            assert torch.equal(sa[key][k], sb[key][k]), k
+    assert [float(x) for x in ka] == [float(x) for x in kb]
+
+
+# ---------------------------------------------------------------- equivalence
+@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("clip", [None, "binding"])
+def test_fused_matches_reference_and_unfused(seed, clip):
+    prob = make_problem(seed, steps=40, clip=clip)
+    ref = _reference(prob)
+    if clip == "binding":  # the coefficient really scales: max norm far below the gradient norm
+        numel = sum(t.numel() for ts in prob.init for t in ts)
+        assert prob.max_grad_norm < 0.1 * numel ** 0.5
+    results = {}
+    for name, kw in {"fused": dict(fused=True), "single": dict(fused=False, foreach=False),
+                     "foreach": dict(fused=False, foreach=True)}.items():
+        groups = param_groups(prob)
+        run_torch(Adan(groups, max_grad_norm=prob.max_grad_norm, **kw), groups, prob.grads)
+        _assert_tracks(groups, ref, rtol=2e-5, atol=2e-6)
+        results[name] = [p.detach() for g in groups for p in g["params"]]
+    for a, b in zip(results["fused"], results["single"]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.bfloat16, 0.03), (torch.float16, 4e-3)])
+def test_low_precision_params(dtype, tol):
+    # fp32 math, only the storage rounds: closer to the reference than the
+    # unfused paths (which compute in the parameter's dtype).
+    prob = make_problem(3, steps=20, none_prob=0.0, n_groups=1)
+    groups = param_groups(prob, dtype=dtype)
+    opt = Adan(groups, fused=True)
+    run_torch(opt, groups, prob.grads, dtype=dtype)
+    _assert_tracks(groups, _reference(prob), rtol=tol, atol=tol)
+    for p in groups[0]["params"]:
+        assert all(opt.state[p][k].dtype == dtype for k in STATE_KEYS)
+
+
+@pytest.mark.parametrize("param_dtype,state_dtype,tol", [
+    (torch.float32, torch.bfloat16, 2e-3), (torch.bfloat16, torch.float32, 0.03),
+    (torch.float16, torch.bfloat16, 5e-3), (torch.float32, torch.float16, 2e-4)])
+def test_state_dtype(param_dtype, state_dtype, tol):
+    prob = make_problem(4, steps=20, none_prob=0.1, n_groups=2, clip="binding")
+    groups = param_groups(prob, dtype=param_dtype)
+    opt = Adan(groups, fused=True, state_dtype=state_dtype, max_grad_norm=prob.max_grad_norm)
+    run_torch(opt, groups, prob.grads, dtype=param_dtype)
+    _assert_tracks(groups, _reference(prob), rtol=tol, atol=tol)
+    for st in opt.state.values():
+        assert all(st[k].dtype == state_dtype for k in STATE_KEYS)
+
+
+def test_bf16_state_is_not_fp32_state():
+    # The previous test's tolerance must not hide a state_dtype that is ignored.
+    prob = make_problem(4, steps=20, none_prob=0.0, n_groups=1)
+    out = []
+    for sd in (None, torch.bfloat16):
+        groups = param_groups(prob)
+        run_torch(Adan(groups, fused=True, state_dtype=sd), groups, prob.grads)
+        out.append(torch.cat([p.detach().flatten() for p in groups[0]["params"]]))
+    assert not torch.equal(out[0], out[1])
+
+
+def test_many_tensors_and_odd_sizes():
+    # > 1000 tensors, sizes 0, 1, odd, around the vector width and over a chunk.
+    rng = random.Random(0)
+    sizes = [rng.choice([0, 1, 3, 7, 8, 9, 15, 16, 17, 31, 33, 64, 127]) for _ in range(1100)] + [16384 * 2 + 5]
+    init = [torch.randn(s, dtype=torch.float64) for s in sizes]
+    hp = dict(lr=2e-2, betas=(0.98, 0.92, 0.99), eps=1e-8, weight_decay=0.02, no_prox=True)
+    params = [torch.nn.Parameter(t.float()) for t in init]
+    opt = Adan(params, fused=True, max_grad_norm=3.0, **hp)
+    ref = RefAdan([dict(params=init, **hp)], max_grad_norm=3.0)
+    for _ in range(4):
+        grads = [torch.randn(s, dtype=torch.float64) for s in sizes]
+        for p, g in zip(params, grads):
+            p.grad = g.float()
+        opt.step()
+        ref.step([grads])
+    for p, r in zip(params, ref.params()[0]):
+        torch.testing.assert_close(p.detach().double(), r, rtol=2e-5, atol=2e-6)
+
+
+def test_restart_and_late_parameters_match_reference():
+    prob = make_problem(5, steps=30, clip="binding", none_prob=0.3)
+    ref = RefAdan(reference_groups(prob), max_grad_norm=prob.max_grad_norm)
+    groups = param_groups(prob)
+    opt = Adan(groups, max_grad_norm=prob.max_grad_norm, fused=True)
+    run_torch(opt, groups, prob.grads[:15])
+    for grads in prob.grads[:15]:
+        ref.step(grads)
+    opt.restart_opt()
+    ref.restart()
+    run_torch(opt, groups, prob.grads[15:])
+    for grads in prob.grads[15:]:
+        ref.step(grads)
+    _assert_tracks(groups, ref, rtol=2e-5, atol=2e-6)
+
+
+def test_gradient_is_never_written():
+    params = [torch.nn.Parameter(torch.randn(1000))]
+    opt = Adan(params, fused=True, max_grad_norm=0.1)
+    for _ in range(3):
+        g = torch.randn(1000)
+        params[0].grad = g.clone()
+        opt.step()
+        assert torch.equal(params[0].grad, g)
+
+
+# ---------------------------------------------------------------- AMP inputs
+def _amp_problem(seed=7):
+    prob = make_problem(seed, steps=12, clip="binding", none_prob=0.2, n_groups=2)
+    return prob, param_groups(prob)
+
+
+def test_grad_scale_unscales_in_registers():
+    # A power-of-two scale is exact in fp32, so the trajectory is bit-identical.
+    prob, plain = _amp_problem()
+    _, scaled = _amp_problem()
+    opt_a = Adan(plain, fused=True, max_grad_norm=prob.max_grad_norm)
+    opt_b = Adan(scaled, fused=True, max_grad_norm=prob.max_grad_norm)
+    for grads in prob.grads:
+        run_torch(opt_a, plain, [grads])
+        for group, gs in zip(scaled, grads):
+            for p, g in zip(group["params"], gs):
+                p.grad = None if g is None else (g * 1024).float()
+        opt_b.grad_scale = torch.tensor(1024.0)
+        opt_b.found_inf = torch.tensor(0.0)
+        opt_b.step()
+    for ga, gb in zip(plain, scaled):
+        for a, b in zip(ga["params"], gb["params"]):
+            assert torch.equal(a, b)
+    # Device-step mode (found_inf given) and host mode count the same steps.
+    assert [int(g["step"]) for g in opt_b.param_groups] == [g["step"] for g in opt_a.param_groups]
+
+
+def test_found_inf_leaves_everything_untouched():
+    prob, groups = _amp_problem()
+    opt = Adan(groups, fused=True, max_grad_norm=prob.max_grad_norm)
+    for grads in prob.grads[:4]:
+        run_torch(opt, groups, [grads])
+    opt.found_inf = torch.tensor(0.0)
+    run_torch(opt, groups, prob.grads[4:5])  # into device-step mode
+    before = _snapshot(opt, groups)
+    for grads in prob.grads[5:8]:
+        for group, gs in zip(groups, grads):
+            for p, g in zip(group["params"], gs):
+                p.grad = None if g is None else torch.full_like(p, float("inf"))
+        opt.grad_scale = torch.tensor(65536.0)
+        opt.found_inf = torch.tensor(1.0)
+        opt.step()
+    _assert_bit_identical(before, _snapshot(opt, groups))
+
+
+def test_skipped_first_steps_and_late_parameters_match_reference():
+    # GradScaler often skips the very first steps, and some parameters get
+    # their first gradient late (even on a skipped step): each parameter's
+    # first applied step must still see a zero gradient difference.
+    prob = make_problem(9, steps=14, clip="binding", none_prob=0.0, n_groups=2)
+    late = prob.grads[0][1][0]
+    assert late is not None
+    for k in range(6):  # group 1, param 0 has no gradient for the first 6 steps
+        prob.grads[k][1][0] = None
+    skipped = {0, 1, 5, 9}  # step 5: the late parameter's first gradient is skipped
+    ref = RefAdan(reference_groups(prob), max_grad_norm=prob.max_grad_norm)
+    groups = param_groups(prob)
+    opt = Adan(groups, fused=True, max_grad_norm=prob.max_grad_norm)
+    for k, grads in enumerate(prob.grads):
+        bad = k in skipped
+        for group, gs in zip(groups, grads):
+            for p, g in zip(group["params"], gs):
+                p.grad = None if g is None else (torch.full_like(p, float("nan")) if bad else g.float())
+        opt.found_inf = torch.tensor(1.0 if bad else 0.0)
+        opt.step()
+        if not bad:
+            ref.step(grads)
+    _assert_tracks(groups, ref, rtol=2e-5, atol=2e-6)
+    assert [float(g["step"]) for g in opt.param_groups] == [len(prob.grads) - len(skipped)] * 2
+
+
+def test_grad_scaler_step_uses_the_kernel_path():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.Tanh(), torch.nn.Linear(32, 4))
+    twin = copy.deepcopy(model)
+    x, y = torch.randn(64, 16), torch.randn(64, 4)
+    opt = Adan(model.parameters(), lr=1e-2, fused=True, max_grad_norm=0.5)
+    opt_plain = Adan(twin.parameters(), lr=1e-2, fused=True, max_grad_norm=0.5)
+    assert opt._step_supports_amp_scaling
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10, growth_interval=1000)
+    for it in range(6):
+        loss = torch.nn.functional.mse_loss(model(x), y)
+        scaler.scale(loss).backward()
+        if it == 3:  # an overflow: GradScaler must skip this step on the device
+            model[0].weight.grad[0, 0] = float("inf")
+        scaler.step(opt)
+        scaler.update()
+        opt.zero_grad()
+        if it != 3:
+            torch.nn.functional.mse_loss(twin(x), y).backward()
+            opt_plain.step()
+            opt_plain.zero_grad()
+    assert scaler.get_scale() == 2.0 ** 9  # the overflow was seen and backed off
+    assert int(opt.param_groups[0]["step"]) == 5 == opt_plain.param_groups[0]["step"]
+    for a, b in zip(model.parameters(), twin.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    assert not hasattr(opt, "found_inf")  # GradScaler cleaned up after itself
+
+
+# ---------------------------------------------------------------- torch.compile
+def test_torch_compile_traces_the_fused_step():
+    prob = make_problem(2, steps=4, clip="binding", none_prob=0.0, n_groups=1)
+    groups = param_groups(prob)
+    opt = Adan(groups, fused=True, max_grad_norm=prob.max_grad_norm)
+    compiled = torch.compile(opt.step)
+    for grads in prob.grads:
+        for p, g in zip(groups[0]["params"], grads[0]):
+            p.grad = g.float()
+        compiled()
+    _assert_tracks(groups, _reference(prob), rtol=2e-5, atol=2e-6)
+
+
+# ---------------------------------------------------------------- checkpoints
+def test_bf16_state_survives_checkpoint_and_exchanges_with_unfused():
+    prob = make_problem(6, steps=10, none_prob=0.0, n_groups=1)
+    groups = param_groups(prob)
+    opt = Adan(groups, fused=True, state_dtype=torch.bfloat16)
+    run_torch(opt, groups, prob.grads[:5])
+    sd = copy.deepcopy(opt.state_dict())
+    # Our fused optimizer keeps bf16 states through torch's cast-to-param-dtype.
+    groups2 = param_groups(prob)
+    for p, q in zip(groups[0]["params"], groups2[0]["params"]):
+        q.data.copy_(p.data)
+    opt2 = Adan(groups2, fused=True, state_dtype=torch.bfloat16)
+    opt2.load_state_dict(sd)
+    assert all(st[k].dtype == torch.bfloat16 for st in opt2.state.values() for k in STATE_KEYS)
+    # An unfused optimizer keeps its own path and gets fp32 states (torch upcasts them).
+    groups3 = param_groups(prob)
+    for p, q in zip(groups[0]["params"], groups3[0]["params"]):
+        q.data.copy_(p.data)
+    opt3 = Adan(groups3, fused=False)
+    opt3.load_state_dict(sd)
+    assert opt3.param_groups[0]["fused"] is False and opt3.param_groups[0]["state_dtype"] is None
+    assert all(st[k].dtype == torch.float32 for st in opt3.state.values() for k in STATE_KEYS)
+    # So does timm's Adan.
+    timm_optim = pytest.importorskip("timm.optim")
+    theirs = timm_optim.Adan([torch.nn.Parameter(p.detach().clone()) for p in groups[0]["params"]])
+    theirs.load_state_dict(copy.deepcopy(sd))
+    assert all(st[k].dtype == torch.float32 for st in theirs.state.values() for k in STATE_KEYS)
+    run_torch(opt, groups, prob.grads[5:])
+    run_torch(opt2, groups2, prob.grads[5:])
+    run_torch(opt3, groups3, prob.grads[5:])
+    for a, b, c in zip(groups[0]["params"], groups2[0]["params"], groups3[0]["params"]):
+        assert torch.equal(a, b)
+        torch.testing.assert_close(a, c, rtol=1e-3, atol=1e-3)
+
+
+def test_fused_checkpoint_resumes_on_unfused_path():
+    prob = make_problem(8, steps=16, clip="binding")
+    ref = _reference(prob)
+    groups = param_groups(prob)
+    opt = Adan(groups, fused=True, max_grad_norm=prob.max_grad_norm)
+    run_torch(opt, groups, prob.grads[:8])
+    opt_b = Adan(groups, fused=False, max_grad_norm=prob.max_grad_norm)
+    opt_b.load_state_dict(copy.deepcopy(opt.state_dict()))
+    run_torch(opt_b, groups, prob.grads[8:])
+    _assert_tracks(groups, ref, rtol=2e-5, atol=2e-6)
+
+
+# ---------------------------------------------------------------- resolution and errors
+def test_fused_none_picks_kernels_when_built():
+    p = torch.nn.Parameter(torch.randn(3))
+    assert Adan([p])._uses_fused(Adan([p]).param_groups[0])
+    assert not Adan([p], caution=True)._step_supports_amp_scaling  # caution: unfused
+    assert not Adan([p], foreach=True)._step_supports_amp_scaling
+    assert FusedAdan([p]).param_groups[0]["fused"] is True
+
+
+def test_fused_true_without_extension_says_how_to_build(monkeypatch):
+    monkeypatch.setattr(_ext, "_loaded", False)
+    monkeypatch.setattr(_ext, "_load_error", ImportError("no _C"))
+    p = torch.nn.Parameter(torch.randn(3))
+    with pytest.raises(RuntimeError, match="pip install --no-build-isolation -e"):
+        Adan([p], fused=True)
+    with pytest.raises(RuntimeError, match="compiled extension"):
+        Adan([p], state_dtype=torch.bfloat16)
+    # fused=None falls back to an unfused path, and GradScaler unscales itself.
+    opt = Adan([p])
+    assert not opt._step_supports_amp_scaling
+    p.grad = torch.ones(3)
+    opt.step()
+    assert opt.param_groups[0]["step"] == 1 and opt.state[p]["neg_pre_grad"].dtype == torch.float32
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(fused=True, caution=True), "caution"),
+    (dict(state_dtype=torch.bfloat16, caution=True), "caution"),
+    (dict(fused=False, state_dtype=torch.bfloat16), "need the fused kernels"),
+    (dict(fused=False, capturable=True), "need the fused kernels"),
+    (dict(foreach=True, state_dtype=torch.bfloat16), "need the fused kernels"),
+    (dict(fused=True, state_dtype=torch.float64), "state_dtype must be one of"),
+])
+def test_bad_fused_options(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        Adan([torch.nn.Parameter(torch.randn(3))], **kwargs)
+
+
+def test_unsupported_device_is_refused():
+    with pytest.raises(RuntimeError, match="do not support parameters on meta"):
+        Adan([torch.nn.Parameter(torch.empty(3, device="meta"))], fused=True)
+
+
+def test_op_rejects_mismatched_lists_and_changes_nothing():
+    p, g = torch.randn(8), torch.randn(8)
+    m, n, d, neg = (torch.zeros(8) for _ in range(4))
+    kw = dict(step=1, lr=1e-2, beta1=0.98, beta2=0.92, beta3=0.99, eps=1e-8, weight_decay=0.0,
+              no_prox=False, caution=False)
+    p0 = p.clone()
+    with pytest.raises(RuntimeError, match="expected Float"):
+        _fused_adan([p], [g], [m], [n], [d], [neg.double()], **kw)
+    with pytest.raises(RuntimeError, match="has sizes"):
+        _fused_adan([p], [g], [m], [n], [d.view(2, 4)], [neg], **kw)
+    with pytest.raises(RuntimeError, match="states must be float32, bfloat16 or float16"):
+        _fused_adan([p], [g], [m.int()], [n.int()], [d.int()], [neg.int()], **kw)
+    with pytest.raises(ValueError, match="caution"):
+        _fused_adan([p], [g], [m], [n], [d], [neg], **{**kw, "caution": True})
+    assert torch.equal(p, p0) and not m.any()
+
+
+def test_op_matches_single_tensor_on_strided_views():
+    # Non-contiguous but dense tensors (channels_last) and offset views.
+    base = [torch.randn(2, 3, 5, 7).to(memory_format=torch.channels_last) for _ in range(6)]
+    views = [torch.randn(1001)[1:] for _ in range(6)]
+    for tensors in (base, views):
+        a = [t.clone(memory_format=torch.preserve_format) if t.dim() > 1 else t for t in tensors]
+        b = [t.clone(memory_format=torch.preserve_format) for t in tensors]
+        a[3].abs_(), b[3].abs_()  # exp_avg_sq >= 0
+        kw = dict(step=3, lr=1e-2, beta1=0.98, beta2=0.92, beta3=0.99, eps=1e-8, weight_decay=0.1,
+                  no_prox=False, caution=False)
+        _fused_adan(*[[t] for t in a], **kw)
+        _single_tensor_adan(*[[t] for t in b], **kw)
+        for x, y in zip(a, b):
+            torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6)
