@@ -1,9 +1,42 @@
-"""Registers adan_plugin's optimizers in timm's optimizer registry."""
+"""timm integration: Adan in timm's optimizer registry, recipe-to-optimizer
+glue for the zoo YAMLs, and a launcher for an upstream timm ``train.py``.
+
+Registered names (``import adan_plugin`` does it)::
+
+    adan, adanw          adan_plugin.Adan (proximal / decoupled weight decay);
+                         fused kernels used automatically when built (fused=None)
+    cadan, cadanw        the same with timm's "cautious" masking
+    fusedadan, fusedadanw
+                         adan_plugin.FusedAdan: the compiled kernels or a clear error
+
+timm's own names are replaced, so ``--opt adan`` / ``create_optimizer_v2(model,
+'adan')`` build our class; timm's ``lookahead_`` prefix, ``layer_decay`` and
+1-d parameter grouping work unchanged because grouping happens before the
+optimizer class is called.
+
+The zoo recipes add three keys timm's ``train.py`` does not know:
+``max_grad_norm`` and ``no_prox`` are Adan constructor arguments (they travel
+through timm's ``opt_args`` / ``--opt-kwargs``); ``bias_decay: true`` means
+weight decay on *every* parameter, 1-d ones (biases, norm weights) and the
+model's ``no_weight_decay()`` list included, which is what the timm version
+of the zoo runs did with grouping disabled.
+"""
 from __future__ import annotations
 
+import os
+import runpy
+import sys
+from typing import Any, Dict, List, Optional, Sequence
+
+import torch.nn as nn
 from timm.optim import _optim_factory as factory
+from timm.optim import param_groups_layer_decay
 
 from ..adan import Adan, FusedAdan
+
+ADAN_NAMES = ("adan", "adanw", "cadan", "cadanw", "fusedadan", "fusedadanw")
+# Recipe keys that are Adan constructor arguments rather than timm arguments.
+ADAN_OPT_ARGS = ("max_grad_norm", "no_prox")
 
 
 def _infos():
@@ -31,3 +64,124 @@ def register(registry=None) -> None:
         # not log an "overwriting" warning on every import.
         registry._optimizers.pop(info.name, None)
         registry.register(info)
+
+
+def base_opt_name(opt: str) -> str:
+    """``'lookahead_adan'`` -> ``'adan'`` (timm's prefix convention)."""
+    return opt.lower().split("_")[-1]
+
+
+def is_adan(opt: str) -> bool:
+    return base_opt_name(opt) in ADAN_NAMES
+
+
+def _get(cfg: Any, key: str, default: Any = None) -> Any:
+    if isinstance(cfg, dict):
+        return cfg.get(key, default)
+    return getattr(cfg, key, default)
+
+
+def bias_decay_param_groups(model: nn.Module, weight_decay: float,
+                            layer_decay: Optional[float] = None) -> List[Dict[str, Any]]:
+    """Parameter groups for ``bias_decay: true``: weight decay on every trainable parameter.
+
+    With ``layer_decay`` the groups are timm's layer-wise ones, with neither
+    1-d parameters nor the ``no_weight_decay()`` list exempted.
+    """
+    if layer_decay is not None:
+        return param_groups_layer_decay(model, weight_decay=weight_decay, no_weight_decay_list=(),
+                                        weight_decay_exclude_1d=False, layer_decay=layer_decay)
+    return [{"params": [p for p in model.parameters() if p.requires_grad], "weight_decay": weight_decay}]
+
+
+def optimizer_kwargs(cfg: Any) -> Dict[str, Any]:
+    """``create_optimizer_v2`` keyword arguments for a recipe (argparse namespace or dict).
+
+    timm's own translation (opt, lr, weight_decay, momentum, opt_eps, opt_betas,
+    layer_decay, opt_args) plus the Adan keys ``max_grad_norm`` / ``no_prox``
+    (only for Adan optimizers; they are not arguments of the others) and
+    ``opt_kwargs`` (train.py's ``--opt-kwargs``), which wins over everything.
+    """
+    if isinstance(cfg, dict):
+        from types import SimpleNamespace
+        cfg = SimpleNamespace(**cfg)
+    kwargs = factory.optimizer_kwargs(cfg)
+    if is_adan(kwargs["opt"]):
+        for key in ADAN_OPT_ARGS:
+            value = _get(cfg, key)
+            if value is not None:
+                kwargs[key] = value
+    if kwargs.get("betas") is not None:
+        kwargs["betas"] = tuple(kwargs["betas"])
+    kwargs.update(_get(cfg, "opt_kwargs") or {})
+    return kwargs
+
+
+def create_optimizer(model: nn.Module, cfg: Any):
+    """Build the recipe's optimizer for ``model`` through timm's factory.
+
+    ``bias_decay`` selects :func:`bias_decay_param_groups`; otherwise timm's
+    grouping applies (no decay on 1-d parameters and ``no_weight_decay()``).
+    """
+    kwargs = optimizer_kwargs(cfg)
+    if _get(cfg, "bias_decay", False):
+        weight_decay, layer_decay = kwargs["weight_decay"], kwargs.pop("layer_decay", None)
+        kwargs["param_group_fn"] = lambda m: bias_decay_param_groups(m, weight_decay, layer_decay)
+    return factory.create_optimizer_v2(model, **kwargs)
+
+
+# --------------------------------------------------------------------------- launcher
+def _patched_create_optimizer_v2(original, injected: Sequence[str] = ()):
+    """``create_optimizer_v2`` that also understands ``bias_decay`` (from ``--opt-kwargs``).
+
+    ``injected`` names the keys the launcher added on the recipe's behalf:
+    they are dropped for non-Adan optimizers, which do not take them.
+    """
+
+    def create_optimizer_v2(model_or_params, opt: str = "sgd", *args, **kwargs):
+        if not is_adan(opt):
+            for key in injected:
+                kwargs.pop(key, None)
+        bias_decay = kwargs.pop("bias_decay", False)
+        if bias_decay and isinstance(model_or_params, nn.Module) and not kwargs.get("param_group_fn"):
+            weight_decay = kwargs.get("weight_decay", 0.0)
+            layer_decay = kwargs.pop("layer_decay", None)
+            kwargs["param_group_fn"] = lambda m: bias_decay_param_groups(m, weight_decay, layer_decay)
+        return original(model_or_params, opt, *args, **kwargs)
+
+    create_optimizer_v2.__wrapped__ = original
+    return create_optimizer_v2
+
+
+def _with_opt_kwargs(argv: Sequence[str], extra: Dict[str, Any]) -> List[str]:
+    """``argv`` with ``extra`` merged into its ``--opt-kwargs`` list (added when absent).
+
+    timm's ``ParseKwargs`` replaces the dict on every occurrence, so the pairs
+    go into the user's occurrence, before the user's own (which then win).
+    """
+    pairs = [f"{k}={v!r}" for k, v in extra.items()]
+    argv = list(argv)
+    for i, arg in enumerate(argv):
+        if arg in ("--opt-kwargs", "--opt_kwargs"):
+            return argv[:i + 1] + pairs + argv[i + 1:]
+    return argv + (["--opt-kwargs"] + pairs if pairs else [])
+
+
+def launch_upstream_train(script: str, argv: Sequence[str], adan_args: Dict[str, Any]) -> None:
+    """Run an upstream timm ``train.py`` unmodified, with Adan registered.
+
+    ``adan_args`` (``max_grad_norm``, ``no_prox``, ``bias_decay`` from the
+    recipe / command line) reach the optimizer through ``--opt-kwargs``;
+    ``bias_decay`` is understood by the patched ``create_optimizer_v2``.
+    """
+    if not os.path.isfile(script):
+        raise FileNotFoundError(f"--launch: no training script at {script!r}")
+    import timm.optim
+
+    extra = {k: v for k, v in adan_args.items() if v is not None}
+    patched = _patched_create_optimizer_v2(factory.create_optimizer_v2, tuple(extra))
+    timm.optim.create_optimizer_v2 = patched
+    factory.create_optimizer_v2 = patched
+    sys.argv = [script] + _with_opt_kwargs(argv, extra)
+    sys.path.insert(0, os.path.dirname(os.path.abspath(script)))
+    runpy.run_path(script, run_name="__main__")
