@@ -16,6 +16,13 @@ $(VENV)/.installed: requirements.txt setup.py $(wildcard csrc/*.cpp csrc/*.h csr
 	$(PY) -c "import torch, timm, mmengine, mmpretrain"
 	$(PY) -m pip install $(PIP_QUIET) --no-build-isolation --no-deps -e . 2>&1 | { grep -v "^WARNING: Location" || true; }
 	$(PY) -c "import adan_plugin"
+	# The fused kernels must have been built (CPU always; CUDA when nvcc and a CUDA
+	# torch are present), so that a compile error or a silent skip fails `make`.
+	$(PY) -c "import os, shutil, torch; from adan_plugin import _ext; \
+	  off = os.environ.get('ADAN_NO_EXT') == '1'; \
+	  assert off or _ext.extension_loaded(), f'adan_plugin._C did not load: {_ext.load_error()}'; \
+	  cuda = not off and os.environ.get('ADAN_NO_CUDA') != '1' and torch.version.cuda and shutil.which('nvcc'); \
+	  assert not cuda or torch.ops.adan_plugin._has_cuda(), 'adan_plugin._C was built without its CUDA kernels'"
 	touch $@
 
 test: setup

@@ -1,0 +1,71 @@
+#!/usr/bin/env bash
+# GPU checks of the fused CUDA kernels (issue 3), for a machine with an NVIDIA GPU:
+#   1. the CUDA test suite (tests marked `cuda`: equivalence with the float64
+#      reference, dtypes, > 2^31-element tensor, CUDA-graph capture/replay,
+#      no host sync under GradScaler + clipping, no parameter-sized temporaries);
+#   2. compute-sanitizer memcheck on a short run of the kernels (several dtypes,
+#      unaligned views, many tensors across launches, AMP skip).
+# Usage (repository root): tools/gpu_checks.sh [logfile]   (default gpu_checks.log)
+# Rebuilds the extension first when it lacks CUDA kernels, for the visible GPU's
+# architecture.  Record the log (device, date, versions are at its top).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PY:-.venv/bin/python}
+LOG=${1:-gpu_checks.log}
+exec > >(tee "$LOG") 2>&1
+
+echo "== $(date -u '+%Y-%m-%d %H:%M:%S UTC') on $(hostname)"
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
+"$PY" -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name())"
+
+if ! "$PY" -c "import sys, torch; from adan_plugin import _ext; sys.exit(0 if _ext.fused_supported(torch.device('cuda')) else 1)"; then
+    echo "== building adan_plugin._C with CUDA kernels for this GPU"
+    cap=$("$PY" -c "import torch; print('%d.%d' % torch.cuda.get_device_capability())")
+    TORCH_CUDA_ARCH_LIST="$cap" FORCE_CUDA=1 "$PY" -m pip install --no-build-isolation --no-deps -e .
+fi
+
+echo "== CUDA test suite"
+"$PY" -m pytest -q -m cuda -rs tests/test_cuda_fused.py
+
+echo "== compute-sanitizer memcheck, short run"
+SANITIZER=$(command -v compute-sanitizer || true)
+for dir in "${CUDA_HOME:-}" /usr/local/cuda; do
+    if [ -z "$SANITIZER" ] && [ -n "$dir" ] && [ -x "$dir/bin/compute-sanitizer" ]; then
+        SANITIZER="$dir/bin/compute-sanitizer"
+    fi
+done
+if [ -z "$SANITIZER" ]; then
+    echo "compute-sanitizer not found (install the CUDA toolkit's sanitizer)"; exit 1
+fi
+"$SANITIZER" --tool memcheck --error-exitcode 1 --leak-check no "$PY" - <<'EOF'
+import torch
+from adan_plugin import Adan
+from adan_plugin.fused import _fused_adan
+
+torch.manual_seed(0)
+kw = dict(step=2, lr=1e-2, beta1=0.98, beta2=0.92, beta3=0.99, eps=1e-8, weight_decay=0.05,
+          no_prox=False, caution=False)
+# Every dtype pair, sizes around the vector width and the chunk size, and
+# unaligned views (scalar path) next to aligned tensors (vector path).
+for p_dtype in (torch.float32, torch.bfloat16, torch.float16):
+    for s_dtype in (torch.float32, torch.bfloat16):
+        sizes = [0, 1, 3, 4, 5, 65535, 65536, 65537, 300001]
+        lists = [[torch.randn(n + 1, device="cuda", dtype=p_dtype if k < 2 else s_dtype)[1:] if n % 2
+                  else torch.randn(n, device="cuda", dtype=p_dtype if k < 2 else s_dtype) for n in sizes]
+                 for k in range(6)]
+        for t in lists[3]:
+            t.abs_()
+        _fused_adan(*lists, **kw)
+# Many tensors across several launches, clipping, AMP scale and a skipped step.
+params = [torch.nn.Parameter(torch.randn(n, device="cuda")) for n in [7, 4099, 1] * 50 + [65536 * 330 + 3]]
+opt = Adan(params, fused=True, max_grad_norm=1.0)
+for it in range(3):
+    for p in params:
+        p.grad = torch.randn_like(p)
+    opt.grad_scale = torch.full((), 8.0, device="cuda")
+    opt.found_inf = torch.full((), float(it == 1), device="cuda")
+    opt.step()
+torch.cuda.synchronize()
+print("memcheck run finished")
+EOF
+echo "== all GPU checks passed"
