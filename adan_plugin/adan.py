@@ -42,6 +42,16 @@ def _check_hparams(group: Dict[str, Any]) -> None:
             raise ValueError(f"Adan: invalid betas[{i}]={beta!r}; each beta must lie in [0, 1)")
 
 
+def _is_dense(t: Tensor) -> bool:
+    """Whether ``t`` covers its storage span without gaps or overlaps (any dim order)."""
+    expected = 1
+    for stride, size in sorted((st, sz) for sz, st in zip(t.shape, t.stride()) if sz != 1):
+        if stride != expected:
+            return False
+        expected *= size
+    return True
+
+
 class Adan(Optimizer):
     r"""Adan: Adaptive Nesterov Momentum (Xie et al., arXiv 2208.06677), Algorithm 1.
 
@@ -176,7 +186,9 @@ class Adan(Optimizer):
             return True
         if group["foreach"] or group["caution"]:
             return False
-        return all(_ext.fused_supported(p.device) for p in group["params"])
+        # The kernels take dense parameters only; a group holding a strided
+        # view (timm's optimizer tests use one) steps on an unfused path.
+        return all(_ext.fused_supported(p.device) and _is_dense(p) for p in group["params"])
 
     @property
     def _step_supports_amp_scaling(self) -> bool:

@@ -43,6 +43,7 @@ import torch
 import yaml
 
 import adan_plugin  # noqa: F401  (registers Adan into timm)
+from adan_plugin.hparams import SCRATCH_LR_SCALE
 
 SUMMARY_COLUMNS = ("epoch", "train_loss", "eval_loss", "eval_top1", "eval_top5", "lr")
 CHECKPOINT_VERSION = 1
@@ -786,7 +787,8 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     if args.compare_adamw and args.rank == 0 and not args.distributed:
         adamw = parse_args(argv)
         adamw.opt = "adamw"
-        adamw.lr = args.adamw_lr if args.adamw_lr is not None else args.lr / 5.0
+        # default: the translation helper's rule (Adan lr = 5 x AdamW lr) run backwards
+        adamw.lr = args.adamw_lr if args.adamw_lr is not None else args.lr / SCRATCH_LR_SCALE
         adamw.weight_decay = args.adamw_weight_decay
         adamw.max_grad_norm, adamw.no_prox, adamw.opt_kwargs = 0.0, False, {}
         adamw.output, adamw.experiment, adamw.resume = os.path.join(out, "adamw"), "", ""
