@@ -28,8 +28,11 @@ $(VENV)/.installed: requirements.txt setup.py $(wildcard csrc/*.cpp csrc/*.h csr
 test: setup
 	$(PY) -m pytest -q tests
 
+# Main job: timm model + Adan on the embedded digits (CPU, a few minutes), then
+# the same recipe with AdamW; prints both top-1 and plots output/demo_digits/adan_vs_adamw.png
 train: setup
-	$(PY) tools/quickstart_digits.py
+	$(PY) tools/train_timm.py --config configs/timm/demo/digits_test_resnet.yaml \
+		--output output/demo_digits --compare-adamw --log-interval 1000
 
 clean:
 	rm -rf $(VENV) build *.egg-info adan_plugin/_C*.so
