@@ -1,0 +1,185 @@
+"""Smoke tests of tools/bench_step.py's machinery on tiny shapes: byte accounting, shapes, the memory
+probe, n/a rows, target verdicts and the markdown/PNG it writes.  No timing is asserted."""
+import math
+import os
+import subprocess
+import sys
+import textwrap
+from collections import Counter
+
+import pytest
+import torch
+import torch.nn as nn
+
+from conftest import REPO_ROOT
+
+sys.path.insert(0, os.path.join(REPO_ROOT, "tools"))
+import bench_step as bs  # noqa: E402
+
+SHAPES = [(3, 4), (5,)]
+N = 17
+
+
+def _params(shapes=SHAPES, grads=True):
+    ps = [torch.randn(s, requires_grad=True) for s in shapes]
+    if grads:
+        for p in ps:
+            p.grad = torch.randn_like(p)
+    return ps
+
+
+@pytest.mark.parametrize("variant", ["ours-foreach", "ours-single", "timm-foreach", "mmpretrain"])
+def test_adan_fp32_moves_44_bytes_per_param(variant):
+    opt = bs.VARIANTS[variant].make(_params())
+    opt.step()
+    opt.step()  # mmpretrain replaces pre_grad after a step: count what it holds then
+    assert bs.step_bytes(opt) == 44 * N
+    assert bs.state_bytes(opt) == 4 * 4 * N
+
+
+def test_adamw_counts_its_step_tensor():
+    opt = bs.VARIANTS["adamw-foreach"].make(_params())
+    opt.step()
+    # p read+write 8, g 4, exp_avg and exp_avg_sq read+write 16 per element; an fp32 step tensor per param.
+    assert bs.step_bytes(opt) == 28 * N + 2 * 4 * len(SHAPES)
+
+
+def test_bf16_state_counts_two_bytes_and_skips_params_without_grad():
+    with_grad = _params()
+    no_grad = _params([(7, 7)], grads=False)
+    opt = torch.optim.SGD(with_grad + no_grad, lr=0.1)
+    for p in with_grad:
+        opt.state[p] = {k: torch.zeros_like(p, dtype=torch.bfloat16) for k in "mndg"}
+        opt.state[p]["step_host_int"] = 3  # not a tensor: moves no bytes
+    assert bs.step_bytes(opt) == 28 * N
+
+
+def test_gpt2_layer_shapes_match_a_torch_transformer_layer():
+    width, layers, vocab, ctx = 64, 3, 100, 32
+    shapes = bs.gpt2_shapes(layers, width, vocab, ctx)
+    layer = nn.TransformerEncoderLayer(width, nhead=4, dim_feedforward=4 * width)
+    per_layer = Counter(tuple(p.shape) for p in layer.parameters())
+    expected = Counter({(vocab, width): 1, (ctx, width): 1, (width,): 2})
+    for shape, count in per_layer.items():
+        expected[shape] += layers * count
+    assert Counter(shapes) == expected
+    assert bs.numel(shapes) == vocab * width + ctx * width + layers * (12 * width**2 + 13 * width) + 2 * width
+
+
+def test_gpt2_2048_is_the_1_3b_model():
+    n = bs.numel(bs.MODELS["gpt2-2048"].shapes())
+    assert 1.25e9 < n < 1.35e9
+    assert 0.7e9 < bs.numel(bs.MODELS["gpt2-1536"].shapes()) < 0.8e9
+
+
+def test_cpu_peak_memory_sees_a_known_temporary():
+    # In a child process: the probe changes glibc's allocation settings for the whole process.
+    code = textwrap.dedent(f"""
+        import sys, torch
+        sys.path.insert(0, {os.path.join(REPO_ROOT, 'tools')!r})
+        import bench_step as bs
+        probe = bs.CpuPeakMemory()
+        if probe.reason:
+            print("SKIP", probe.reason); sys.exit(0)
+        big = torch.ones(8 * 2**20)            # resident before the measure: not counted
+        junk = [torch.ones(2**16) for _ in range(200)]; del junk  # dirty the heap first
+        def one_temporary():                   # 32 MiB
+            t = big * 2; del t
+        def many_small_alive():                # 200 x 256 KiB alive at once = 50 MiB
+            ts = [big[:2**16] + 1 for _ in range(200)]; del ts
+        def in_place():
+            big.mul_(1.5)
+        print("MIB", *(probe.measure(f) / 2**20 for f in (one_temporary, many_small_alive, in_place)))
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    if out.stdout.startswith("SKIP"):
+        pytest.skip(out.stdout)
+    one, many, none = map(float, out.stdout.split()[1:])
+    assert 31.5 <= one <= 34, one
+    assert 49.5 <= many <= 53, many
+    assert none < 1.0, none
+
+
+def test_unavailable_and_failing_variants_become_na_rows():
+    def refuse(params):
+        raise bs.Unavailable("kernel not built here")
+
+    def crash(params):
+        raise RuntimeError("boom")
+
+    variants = [bs.Variant("v-refuse", "refuses", refuse), bs.Variant("v-crash", "crashes", crash),
+                bs.VARIANTS["ours-foreach"]]
+    s = bs.Settings(device=torch.device("cpu"), warmup=1, repeats=2, min_repeats=1, max_seconds=1.0,
+                    memory=False)
+    rows = bs.run_model("tiny", bs.MODELS["tiny"].shapes(), variants, s, log=lambda *a: None)
+    assert rows[0].reason == "kernel not built here"
+    assert rows[1].reason == "RuntimeError: boom"
+    assert rows[2].reason is None and len(rows[2].times) == 2
+    assert rows[2].bytes == 44 * bs.numel(bs.MODELS["tiny"].shapes())
+    table = bs.results_table(rows, _info("cpu", copy_gbps=10.0))
+    assert "| refuses | n/a (kernel not built here) |" in table
+    assert "| crashes | n/a (RuntimeError: boom) |" in table
+
+
+def _info(kind, copy_gbps):
+    return bs.RunInfo(device="test device", device_type=kind, date="today",
+                      versions={"torch": "t", "timm": "t", "mmpretrain": "m", "python": "p",
+                                "adan_plugin": "abc", "adan_plugin._C": "built"},
+                      threads=2, load_before=(0, 0, 0), load_after=(0, 0, 0), copy_gbps=copy_gbps,
+                      copy_mib=1, command="cmd", settings="s")
+
+
+def _row(model, variant, ms, params=10**6, bytes_per_param=44):
+    return bs.Row(model, variant, variant, times=[ms / 1e3], params=params, bytes=bytes_per_param * params)
+
+
+def test_cpu_targets_are_judged_from_the_rows():
+    info = _info("cpu", copy_gbps=10.0)
+    met = bs.evaluate_targets([_row("resnet50", "ours-fused", 20.0), _row("resnet50", "adamw-fused", 16.0),
+                               _row("resnet50", "timm-foreach", 130.0)], info)
+    assert [t.verdict for t in met] == ["met", "met"]
+    assert "1.25×" in met[0].detail and "6.50×" in met[1].detail
+    missed = bs.evaluate_targets([_row("resnet50", "ours-fused", 30.0), _row("resnet50", "adamw-fused", 16.0),
+                                  _row("resnet50", "timm-foreach", 130.0)], info)
+    assert [t.verdict for t in missed] == ["not met", "not met"]
+    na = bs.Row("resnet50", "ours-fused", "x", reason="extension not built")
+    none = bs.evaluate_targets([na, _row("resnet50", "adamw-fused", 16.0)], info)
+    assert [t.verdict for t in none] == ["not evaluated"] * 2
+    assert "extension not built" in none[0].detail
+
+
+def test_gpu_copy_floor_target():
+    params = 10**9
+    # 44 GB in 50 ms = 880 GB/s against a 1000 GB/s copy: 88%.
+    rows = [_row("gpt2-2048", "ours-fused", 50.0, params=params)]
+    (floor, *_rest) = bs.evaluate_targets(rows, _info("cuda", copy_gbps=1000.0))
+    assert floor.verdict == "met" and "88.0%" in floor.detail
+    assert math.isclose(rows[0].gbps(), 880.0)
+
+
+def test_cli_writes_its_section_and_keeps_the_other(tmp_path):
+    doc = tmp_path / "benchmarks.md"
+    doc.write_text("old\n" + bs.SECTION_BEGIN.format(kind="cuda") + "\nGPU SENTINEL\n"
+                   + bs.SECTION_END.format(kind="cuda") + "\n")
+    rows = bs.main(["--device", "cpu", "--models", "tiny", "--variants", "ours-foreach,adamw-fused,ours-single",
+                    "--repeats", "2", "--min-repeats", "1", "--warmup", "1", "--copy-mib", "4",
+                    "--no-memory", "--output", str(doc)])
+    text = doc.read_text()
+    assert text.startswith("# Optimizer-step benchmarks")
+    assert "GPU SENTINEL" in text and text.count(bs.SECTION_BEGIN.format(kind="cpu")) == 1
+    cpu = bs._extract(text, "cpu")
+    for r in rows:
+        line = next(ln for ln in cpu.splitlines() if ln.startswith(f"| {r.label} |"))
+        cells = [c.strip() for c in line.split("|")[1:-1]]
+        assert float(cells[1]) > 0 and int(cells[3]) >= 1
+        assert cells[4] == ("44.00" if r.variant.startswith("ours") else "28.01")
+    assert "**not evaluated**" in cpu  # no ResNet-50 rows in this run
+    png = tmp_path / "bench_step_cpu.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # A second CPU run replaces the CPU section, not appends to it.
+    bs.main(["--device", "cpu", "--models", "tiny", "--variants", "ours-foreach", "--repeats", "1",
+             "--min-repeats", "1", "--warmup", "0", "--copy-mib", "4", "--no-memory", "--output", str(doc)])
+    text = doc.read_text()
+    assert text.count("#### tiny") == 1 and "GPU SENTINEL" in text
+    assert "torch AdamW fused" not in bs._extract(text, "cpu")
