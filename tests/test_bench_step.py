@@ -110,12 +110,12 @@ def test_unavailable_and_failing_variants_become_na_rows():
 
     variants = [bs.Variant("v-refuse", "refuses", refuse), bs.Variant("v-crash", "crashes", crash),
                 bs.VARIANTS["ours-foreach"]]
-    s = bs.Settings(device=torch.device("cpu"), warmup=1, repeats=2, min_repeats=1, max_seconds=1.0,
-                    memory=False)
+    s = bs.Settings(device=torch.device("cpu"), warmup=1, repeats=4, min_repeats=4, max_seconds=60.0,
+                    memory=False, rounds=2)
     rows = bs.run_model("tiny", bs.MODELS["tiny"].shapes(), variants, s, log=lambda *a: None)
     assert rows[0].reason == "kernel not built here"
     assert rows[1].reason == "RuntimeError: boom"
-    assert rows[2].reason is None and len(rows[2].times) == 2
+    assert rows[2].reason is None and len(rows[2].times) == 4  # 2 rounds x 2 steps
     assert rows[2].bytes == 44 * bs.numel(bs.MODELS["tiny"].shapes())
     table = bs.results_table(rows, _info("cpu", copy_gbps=10.0))
     assert "| refuses | n/a (kernel not built here) |" in table

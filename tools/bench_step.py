@@ -335,6 +335,7 @@ class Settings:
     min_repeats: int
     max_seconds: float
     memory: bool = True
+    rounds: int = 1
     compile_models: Sequence[str] = ()
     compile_budget: float = 600.0
 
@@ -438,32 +439,52 @@ def run_model(model: str, shapes: Sequence[Shape], variants: Sequence[Variant], 
         log(f"  {model}: skipped: {reason}")
         return rows
     bench = Bench(shapes, s.device)
-    for row, variant in zip(rows, variants):
-        try:
-            if variant.compiled and model not in s.compile_models:
-                raise Unavailable(f"torch.compile skipped for {model} in this run (--compile-models); "
-                                  "compiling takes minutes on a few CPU cores")
-            params, opt, step = bench.build(variant)
-            if variant.compiled:
-                row.compile_s = compile_warmup(step, s)
-            row.times = time_fn(step, s.device, warmup=s.warmup, repeats=s.repeats,
-                                min_repeats=s.min_repeats, max_seconds=s.max_seconds)
-            row.bytes = step_bytes(opt)
-            row.state_bytes = state_bytes(opt)
-            if s.memory and s.device.type == "cuda":
-                row.peak_extra = cuda_peak_memory(step, s.device)
-            elif s.memory and variant.compiled:
-                # Measured with the others after all timings; kept so it is not compiled twice.
-                kept[variant.name] = (params, opt, step)
-            log(f"  {model:>22} {variant.name:<22} {row.ms:9.2f} ms  ({len(row.times)} steps)")
-        except Exception as err:  # noqa: BLE001  -- any failure becomes an n/a row, the run goes on
-            row.reason, row.times = _short(err), []
-            log(f"  {model:>22} {variant.name:<22} n/a: {row.reason}")
-        finally:
-            params = opt = step = None  # noqa: F841
-            gc.collect()
-            if s.device.type == "cuda":
-                torch.cuda.empty_cache()
+    # Rounds: every variant is timed for a share of its steps in each round, so a burst of load from
+    # other processes spreads over all variants instead of landing on one.
+    per_round = max(1, math.ceil(s.repeats / s.rounds))
+    min_round = max(1, math.ceil(s.min_repeats / s.rounds))
+    compiled_live: Dict[str, tuple] = {}   # compiled once, reused by every round
+    for rnd in range(s.rounds):
+        for row, variant in zip(rows, variants):
+            if row.reason is not None:
+                continue
+            params = opt = step = None
+            try:
+                if variant.compiled and model not in s.compile_models:
+                    raise Unavailable(f"torch.compile skipped for {model} in this run (--compile-models); "
+                                      "compiling takes minutes on a few CPU cores")
+                if variant.name in compiled_live:
+                    params, opt, step = compiled_live[variant.name]
+                    warmup = min(1, s.warmup)
+                else:
+                    params, opt, step = bench.build(variant)
+                    # Later rounds: two steps allocate the states and seed neg_pre_grad.
+                    warmup = s.warmup if rnd == 0 else min(2, s.warmup)
+                    if variant.compiled:
+                        row.compile_s = compile_warmup(step, s)
+                        compiled_live[variant.name] = (params, opt, step)
+                row.times += time_fn(step, s.device, warmup=warmup, repeats=per_round,
+                                     min_repeats=min_round, max_seconds=s.max_seconds / s.rounds)
+                if rnd == 0:
+                    row.bytes = step_bytes(opt)
+                    row.state_bytes = state_bytes(opt)
+                if rnd == s.rounds - 1:
+                    if s.memory and s.device.type == "cuda":
+                        row.peak_extra = cuda_peak_memory(step, s.device)
+                    log(f"  {model:>22} {variant.name:<22} {row.ms:9.2f} ms  ({len(row.times)} steps)")
+            except Exception as err:  # noqa: BLE001  -- any failure becomes an n/a row, the run goes on
+                row.reason, row.times = _short(err), []
+                compiled_live.pop(variant.name, None)
+                log(f"  {model:>22} {variant.name:<22} n/a: {row.reason}")
+            finally:
+                params = opt = step = None  # noqa: F841
+                gc.collect()
+                if s.device.type == "cuda":
+                    torch.cuda.empty_cache()
+    if s.memory and s.device.type == "cpu":
+        # Measured with the others after all timings; kept so that it is not compiled twice.
+        kept.update(compiled_live)
+    compiled_live.clear()
     del bench
     gc.collect()
     return rows
@@ -687,7 +708,10 @@ in that run's section.  Re-run it to refresh a section (the other device's secti
 - **ms/step**: median over the timed steps of one `optimizer.step()` on parameters with the shapes of the
   named model (one tensor per parameter, fp32, random values, fixed random gradients), after warm-up steps
   (states allocated, `torch.compile` done).  CPU: `time.perf_counter` around each step; CUDA: CUDA events.
-  Every variant runs on its own copy of the parameters, one variant after the other.
+  Every variant runs on its own copy of the parameters.  On the CPU the variants are timed round-robin in
+  three rounds (each round builds the optimizer afresh and warms it up; a compiled step is compiled once),
+  so that load from other processes on a shared machine spreads over all variants; the median is over the
+  steps of all rounds and min–max shows the spread.
 - **B/param**: the bytes one step must move at least, divided by the parameter count:
   `Σ_p [2·|p| + |g| + 2·Σ_{s ∈ state[p]} |s|]`, where `|t|` = numel × element size: each parameter
   is read and written, its gradient read, and each state tensor read and written.  It is counted from the
@@ -823,6 +847,9 @@ def parse_args(argv=None):
     ap.add_argument("--max-seconds", type=float, default=None,
                     help="stop timing a variant after this long once --min-repeats are done "
                          "(default: CPU 3, CUDA 5)")
+    ap.add_argument("--rounds", type=int, default=None,
+                    help="time the variants round-robin in this many rounds, each with its own warm-up "
+                         "(default: CPU 3, CUDA 1; --quick 1)")
     ap.add_argument("--warmup", type=int, default=None, help="untimed steps first (default: CPU 3, CUDA 10)")
     ap.add_argument("--copy-mib", type=int, default=None, help="size of each copy-floor tensor "
                     "(default: CPU 256, CUDA 1024)")
@@ -876,6 +903,7 @@ def main(argv=None) -> List[Row]:
         max_seconds=args.max_seconds if args.max_seconds is not None else (1.0 if quick else
                                                                             (5.0 if on_gpu else 3.0)),
         memory=not args.no_memory,
+        rounds=max(1, args.rounds if args.rounds is not None else (1 if quick or on_gpu else 3)),
     )
     s.min_repeats = min(s.min_repeats, s.repeats)
     if args.compile_models is not None:
@@ -916,8 +944,8 @@ def main(argv=None) -> List[Row]:
         versions=versions(), threads=torch.get_num_threads(), load_before=load_before, load_after=load_after,
         copy_gbps=copy_gbps, copy_mib=copy_mib,
         command="python tools/bench_step.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-        settings=f"warm-up {s.warmup}, up to {s.repeats} timed steps, at least {s.min_repeats}, "
-                 f"stop after {s.max_seconds:g} s per variant",
+        settings=f"{s.rounds} round(s), each with {s.warmup} warm-up steps; up to {s.repeats} timed steps "
+                 f"in all, at least {s.min_repeats}, stopping after {s.max_seconds:g} s per variant",
     )
     chart = None
     if not args.no_write:
