@@ -779,6 +779,8 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     argv = list(sys.argv[1:] if argv is None else argv)
     if "--launch" in argv:
         script, rest, adan = split_launch_args(argv)
+        if not os.path.isfile(script):
+            raise ConfigError(f"--launch: no training script at {script!r}")
         adan_plugin.integrations.timm.launch_upstream_train(script, rest, adan)
         return {}
     args = parse_args(argv)

@@ -1,0 +1,268 @@
+"""tools/train_timm.py on the embedded digits: a real 2-epoch CPU run, --resume
+continuing the same curve, summary.csv and checkpoint formats, clear errors,
+DDP under torchrun, and the launcher mode with a stand-in for timm's train.py."""
+import argparse
+import contextlib
+import csv
+import importlib.util
+import io
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+import yaml
+
+from conftest import REPO_ROOT, ZOO_DIR
+
+PY = sys.executable
+TRAIN = os.path.join(REPO_ROOT, "tools", "train_timm.py")
+DEMO = os.path.join(REPO_ROOT, "configs", "timm", "demo", "digits_test_resnet.yaml")
+COLUMNS = ["epoch", "train_loss", "eval_loss", "eval_top1", "eval_top5", "lr"]
+# A schedule that does not depend on the run length, so a 2-epoch run and a
+# 3-epoch run share their first two epochs: lr 0.01, 0.005, 0.0025.
+FAST = ["--config", DEMO, "--sched", "step", "--decay-epochs", "1", "--decay-rate", "0.5",
+        "--warmup-epochs", "0", "--plot", "false", "--log-interval", "5", "--batch-size", "128"]
+
+spec = importlib.util.spec_from_file_location("train_timm", TRAIN)
+train_timm = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(train_timm)
+
+
+def run_main(argv):
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        result = train_timm.main(argv)
+    return result, out.getvalue()
+
+
+def read_rows(path):
+    with open(path, newline="") as f:
+        lines = list(csv.reader(f))
+    return lines[0], [[float(c) for c in row] for row in lines[1:]]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("train_timm")
+    # the 2-epoch run through the command line, as a user runs it
+    two = subprocess.run([PY, TRAIN, *FAST, "--epochs", "2", "--output", str(root / "run")],
+                         capture_output=True, text=True, timeout=600)
+    assert two.returncode == 0, two.stderr[-3000:]
+    # resume it to 3 epochs; and the uninterrupted 3-epoch reference
+    _, resumed_log = run_main([*FAST, "--epochs", "3", "--output", str(root / "run"),
+                               "--resume", str(root / "run" / "last.pth.tar")])
+    _, straight_log = run_main([*FAST, "--epochs", "3", "--output", str(root / "straight")])
+    return {"root": root, "two_log": two.stdout, "resumed_log": resumed_log, "straight_log": straight_log}
+
+
+def test_two_epoch_run_writes_summary_in_zoo_format(runs):
+    header, rows = read_rows(runs["root"] / "straight" / "summary.csv")
+    assert header == COLUMNS
+    assert [r[0] for r in rows] == [0, 1, 2]
+    for epoch, train_loss, eval_loss, top1, top5, lr in rows:
+        assert train_loss > 0 and eval_loss > 0 and 0 <= top1 <= top5 <= 100
+    assert [r[5] for r in rows] == pytest.approx([0.01, 0.005, 0.0025], rel=1e-9)
+    # the digits are easy: far above chance (10%) after 3 epochs
+    assert rows[-1][3] > 50
+    # top-1 is a count over the 359 validation images
+    assert round(rows[-1][3] * 359 / 100, 6) == round(rows[-1][3] * 359 / 100)
+
+
+def test_resume_continues_the_same_curve(runs):
+    _, straight = read_rows(runs["root"] / "straight" / "summary.csv")
+    header, resumed = read_rows(runs["root"] / "run" / "summary.csv")
+    assert header == COLUMNS and [r[0] for r in resumed] == [0, 1, 2]
+    # epochs 0-1 are the first run's, epoch 2 the resumed one: all equal the uninterrupted run
+    for a, b in zip(resumed, straight):
+        assert a == pytest.approx(b, rel=1e-6, abs=1e-9)
+    assert "continuing at epoch 2" in runs["resumed_log"]
+    assert "Epoch 0:" not in runs["resumed_log"] and "Epoch 2:" in runs["resumed_log"]
+
+
+def test_log_shows_throughput_eta_and_final_top1(runs):
+    log = runs["two_log"]
+    assert "img/s" in log and "ETA epoch" in log and "total" in log
+    assert "final top-1:" in log and "embedded digits" in log
+
+
+def test_output_folder_args_and_checkpoints(runs):
+    out = runs["root"] / "straight"
+    with open(out / "args.yaml") as f:
+        saved = yaml.safe_load(f)
+    assert saved["opt"] == "adan" and saved["max_grad_norm"] == 5.0 and saved["model"] == "test_resnet"
+    assert saved["opt_betas"] == [0.98, 0.92, 0.99] and saved["sched"] == "step"
+    for name in ("last.pth.tar", "model_best.pth.tar", "checkpoint-2.pth.tar", "checkpoint-1.pth.tar"):
+        ckpt = torch.load(out / name, map_location="cpu", weights_only=True)
+        assert {"epoch", "state_dict", "optimizer", "arch", "args"} <= set(ckpt)
+    assert not (out / "checkpoint-0.pth.tar").exists()  # checkpoint_hist: 2 in the demo config
+    last = torch.load(out / "last.pth.tar", weights_only=True)
+    assert last["epoch"] == 2
+    assert {"exp_avg", "exp_avg_sq", "exp_avg_diff", "neg_pre_grad"} <= set(next(iter(last["optimizer"]["state"].values())))
+
+
+def test_resume_refuses_a_checkpoint_that_could_run_code(tmp_path, runs):
+    evil = tmp_path / "evil.pth.tar"
+    good = torch.load(runs["root"] / "straight" / "last.pth.tar", weights_only=True)
+    good["args"] = argparse.Namespace(opt="adan")  # an arbitrary object: needs full unpickling
+    torch.save(good, evil)
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit, match="weights_only"):
+        run_main([*FAST, "--epochs", "3", "--output", str(out), "--resume", str(evil)])
+    assert not out.exists()
+
+
+# ---------------------------------------------------------------- clear errors
+def _error(argv):
+    with pytest.raises(SystemExit) as info:
+        run_main(argv)
+    return str(info.value.code)
+
+
+def test_malformed_yaml(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: resnet50\nopt_betas: [0.98, 0.92\n")
+    msg = _error(["--config", str(bad)])
+    assert "not valid YAML" in msg and "bad.yaml" in msg
+    bad.write_text("- a list\n- not a mapping\n")
+    assert "must be a mapping" in _error(["--config", str(bad)])
+    bad.write_text("model: resnet50\nlearning_rate: 0.1\n")
+    msg = _error(["--config", str(bad)])
+    assert "unknown keys" in msg and "learning_rate" in msg
+    bad.write_text("model: resnet50\njsd_loss: true\n")
+    assert "jsd_loss" in _error(["--config", str(bad)])
+    assert "does not exist" in _error(["--config", str(tmp_path / "missing.yaml")])
+
+
+def test_unknown_model(tmp_path):
+    msg = _error([*FAST, "--model", "resnet5O", "--output", str(tmp_path / "o")])
+    assert "unknown model 'resnet5O'" in msg and "resnet50" in msg
+    assert not (tmp_path / "o").exists()
+
+
+def test_missing_data_dir(tmp_path):
+    msg = _error([*FAST, "--data-dir", str(tmp_path / "nowhere"), "--output", str(tmp_path / "o")])
+    assert "data dir" in msg and "nowhere" in msg
+    assert not (tmp_path / "o").exists()
+
+
+def test_cli_overrides_the_recipe_including_adan_keys():
+    cfg = os.path.join(REPO_ROOT, "configs", "timm", "res50_100.yaml")
+    args = train_timm.parse_args(["--config", cfg])
+    assert (args.max_grad_norm, args.no_prox, args.bias_decay, args.lr) == (5.0, False, True, 0.03)
+    args = train_timm.parse_args(["--config", cfg, "--opt-betas", "0.9", "0.9", "0.95", "--opt-eps", "1e-6",
+                                  "--max-grad-norm", "0", "--no-prox", "--bias-decay", "false", "--lr", "0.01"])
+    assert args.opt_betas == [0.9, 0.9, 0.95] and args.opt_eps == 1e-6
+    assert (args.max_grad_norm, args.no_prox, args.bias_decay, args.lr) == (0.0, True, False, 0.01)
+    assert args.model == "resnet50" and args.mixup == 0.1  # the rest stays the recipe's
+
+
+@pytest.mark.skipif(not os.path.isdir(os.path.join(ZOO_DIR, "timm")), reason="../shared/zoo is not present")
+def test_zoo_yamls_load_unchanged():
+    import glob
+    for path in glob.glob(os.path.join(ZOO_DIR, "timm", "*", "*", "args_*.yaml")):
+        with open(path) as f:
+            zoo = yaml.safe_load(f)
+        args = train_timm.parse_args(["--config", path])
+        assert (args.model, args.lr, args.opt) == (zoo["model"], zoo["lr"], "adan")
+        assert args.opt_betas == zoo["opt_betas"] and args.max_grad_norm == zoo["max_grad_norm"]
+
+
+# ---------------------------------------------------------------- DDP
+def test_ddp_under_torchrun(tmp_path):
+    out = tmp_path / "ddp"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run([PY, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", TRAIN,
+                           *FAST, "--epochs", "1", "--output", str(out)],
+                          capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    header, rows = read_rows(out / "summary.csv")
+    assert header == COLUMNS and len(rows) == 1  # written once, by rank 0
+    assert "global batch 256" in proc.stdout  # 128 per process x 2 processes
+    assert proc.stdout.count("final top-1:") == 1
+
+
+# ---------------------------------------------------------------- launcher
+STAND_IN = textwrap.dedent('''
+    """Stand-in for timm's train.py: its config handling and optimizer factory call."""
+    import argparse, json
+    import yaml
+    from timm.models import create_model
+    from timm.optim import create_optimizer_v2, optimizer_kwargs
+    from timm.utils import ParseKwargs
+
+    config_parser = argparse.ArgumentParser(add_help=False)
+    config_parser.add_argument("-c", "--config", default="")
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--model", default="resnet50")
+    parser.add_argument("--opt", default="sgd")
+    parser.add_argument("--lr", type=float, default=None)
+    parser.add_argument("--weight-decay", type=float, default=2e-5)
+    parser.add_argument("--momentum", type=float, default=0.9)
+    parser.add_argument("--opt-eps", type=float, default=None)
+    parser.add_argument("--opt-betas", type=float, nargs="+", default=None)
+    parser.add_argument("--layer-decay", type=float, default=None)
+    parser.add_argument("--opt-kwargs", nargs="*", default={}, action=ParseKwargs)
+    parser.add_argument("--report", required=True)
+
+    cfg_args, remaining = config_parser.parse_known_args()
+    if cfg_args.config:
+        with open(cfg_args.config) as f:
+            parser.set_defaults(**yaml.safe_load(f))
+    args = parser.parse_args(remaining)
+    model = create_model(args.model, num_classes=10)
+    optimizer = create_optimizer_v2(model, **optimizer_kwargs(cfg=args), **args.opt_kwargs)
+    one_d = {id(p) for p in model.parameters() if p.ndim <= 1}
+    with open(args.report, "w") as f:
+        json.dump({"class": type(optimizer).__module__ + "." + type(optimizer).__name__,
+                   "defaults": {k: v for k, v in optimizer.defaults.items() if isinstance(v, (int, float, bool, list, tuple, type(None)))},
+                   "wd_1d": sorted({g["weight_decay"] for g in optimizer.param_groups for p in g["params"] if id(p) in one_d}),
+                   "wd_nd": sorted({g["weight_decay"] for g in optimizer.param_groups for p in g["params"] if id(p) not in one_d})}, f)
+''')
+
+
+@pytest.fixture(scope="module")
+def stand_in(tmp_path_factory):
+    path = tmp_path_factory.mktemp("launch") / "train.py"
+    path.write_text(STAND_IN)
+    return path
+
+
+def _launch(stand_in, tmp_path, *extra):
+    report = tmp_path / "report.json"
+    cfg = os.path.join(REPO_ROOT, "configs", "timm", "res50_100.yaml")
+    proc = subprocess.run([PY, TRAIN, "--launch", str(stand_in), "--config", cfg, "--model", "test_resnet",
+                           "--report", str(report), *extra], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    with open(report) as f:
+        return json.load(f)
+
+
+def test_launcher_passes_the_recipe_adan_keys(stand_in, tmp_path):
+    rep = _launch(stand_in, tmp_path)
+    assert rep["class"] == "adan_plugin.adan.Adan"
+    d = rep["defaults"]
+    assert d["max_grad_norm"] == 5.0 and d["no_prox"] is False and d["lr"] == 0.03
+    assert d["betas"] == [0.98, 0.92, 0.99]
+    assert rep["wd_1d"] == [0.02] and rep["wd_nd"] == [0.02]  # bias_decay: true in res50_100
+
+
+def test_launcher_command_line_overrides_and_user_opt_kwargs(stand_in, tmp_path):
+    rep = _launch(stand_in, tmp_path, "--max-grad-norm", "1.5", "--no-prox", "--bias-decay", "false",
+                  "--opt-kwargs", "foreach=True")
+    d = rep["defaults"]
+    assert (d["max_grad_norm"], d["no_prox"], d["foreach"]) == (1.5, True, True)
+    assert rep["wd_1d"] == [0.0] and rep["wd_nd"] == [0.02]  # timm's default grouping again
+
+
+def test_launcher_leaves_other_optimizers_alone(stand_in, tmp_path):
+    rep = _launch(stand_in, tmp_path, "--opt", "adamw", "--lr", "0.001")
+    assert rep["class"] == "torch.optim.adamw.AdamW"
+
+
+def test_launcher_missing_script(tmp_path):
+    proc = subprocess.run([PY, TRAIN, "--launch", str(tmp_path / "train.py")], capture_output=True, text=True)
+    assert proc.returncode != 0 and "no training script" in proc.stderr
