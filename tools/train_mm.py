@@ -16,6 +16,8 @@ On top of mmpretrain's script it
 * resumes on torch >= 2.6: checkpoints are still loaded with ``weights_only=True``, with
   exactly the objects mmengine checkpoints contain allow-listed
   (:mod:`adan_plugin.integrations.mmengine_safe_globals`);
+* adds ``ZeroCheckpointHook`` when the optimizer is ``ZeroRedundancyOptimizer`` (mmengine saves
+  checkpoints on rank 0 only, gathering ZeRO's shards needs every rank);
 * runs multi-process on CPU-only machines: with no CUDA device it uses the gloo backend
   and CPU DistributedDataParallel (mmengine alone would call ``torch.cuda.set_device``);
 * writes the digits ImageFolder when a config names it in ``digits_imagefolder``
@@ -86,6 +88,16 @@ def use_cpu_distributed(cfg) -> None:
         cfg.model_wrapper_cfg = dict(wrapper, type="MMDistributedDataParallel", device_ids=None)
 
 
+def add_zero_checkpoint_hook(cfg) -> None:
+    """ZeRO shards must be gathered on every rank before the rank-0-only checkpoint save."""
+    optimizer = (cfg.get("optim_wrapper") or {}).get("optimizer") or {}
+    if optimizer.get("type") not in ("ZeroRedundancyOptimizer", "mmengine.ZeroRedundancyOptimizer"):
+        return
+    hooks = list(cfg.get("custom_hooks") or [])
+    if not any(h.get("type") == "ZeroCheckpointHook" for h in hooks):
+        cfg.custom_hooks = hooks + [dict(type="ZeroCheckpointHook")]
+
+
 def main() -> None:
     mm_train = load_mmpretrain_train_script()
     args = mm_train.parse_args()
@@ -101,6 +113,7 @@ def main() -> None:
         ensure_digits(cfg.digits_imagefolder)
     if cfg.launcher != "none" and not torch.cuda.is_available():
         use_cpu_distributed(cfg)
+    add_zero_checkpoint_hook(cfg)
 
     runner = Runner.from_cfg(cfg) if "runner_type" not in cfg else RUNNERS.build(cfg)
     with mmengine_safe_globals():

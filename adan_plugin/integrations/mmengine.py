@@ -7,7 +7,8 @@ a config) calls :func:`register`, which
   ``optim_wrapper=dict(optimizer=dict(type='Adan', ...))`` builds ours in any
   scope that does not define its own ``Adan``;
 * replaces mmengine's ``ZeroRedundancyOptimizer`` with one that looks
-  ``optimizer_type`` up in the registry (see :mod:`.mmengine_zero`);
+  ``optimizer_type`` up in the registry and can be checkpointed by the Runner
+  (with ``ZeroCheckpointHook``, see :mod:`.mmengine_zero`);
 * makes ``type='Adan'`` build ours under ``default_scope='mmpretrain'`` too.
   mmpretrain registers its own ``Adan`` in its child registry, which a lookup
   in that scope would find before the root.  Ours replaces it there, with one
@@ -22,12 +23,12 @@ import logging
 import warnings
 
 from mmengine.logging import print_log
-from mmengine.registry import OPTIMIZERS, Registry, build_from_cfg
+from mmengine.registry import HOOKS, OPTIMIZERS, Registry, build_from_cfg
 
 from ..adan import Adan, FusedAdan
 from .mmengine_options import optimizer_options_from_config
 from .mmengine_package_configs import enable_package_base_configs
-from .mmengine_zero import ZeroRedundancyOptimizer
+from .mmengine_zero import ZeroCheckpointHook, ZeroRedundancyOptimizer
 
 # Scopes whose packages register an optimizer as 'Adan', and the name under
 # which theirs stays reachable once ours replaces it.
@@ -38,6 +39,7 @@ def register() -> None:
     OPTIMIZERS.register_module(name="Adan", module=Adan, force=True)
     OPTIMIZERS.register_module(name="FusedAdan", module=FusedAdan, force=True)
     OPTIMIZERS.register_module(name="ZeroRedundancyOptimizer", module=ZeroRedundancyOptimizer, force=True)
+    HOOKS.register_module(name="ZeroCheckpointHook", module=ZeroCheckpointHook, force=True)
     OPTIMIZERS.build_func = build_optimizer
     enable_package_base_configs()
     for scope in _SCOPES_WITH_OWN_ADAN:

@@ -12,6 +12,13 @@ norm computed by the local optimizer is the norm of that shard.  When Adan
 clips (``max_grad_norm > 0``) it is therefore told to all-reduce the squared
 norm over ZeRO's process group (``clip_process_group``), which makes the clip
 the one single-process training would apply.
+
+Saving: mmengine's ``Runner.save_checkpoint`` runs on rank 0 only, but gathering
+the shards into one state dict is a collective, so with mmengine's wrapper the
+first checkpoint deadlocks.  :class:`ZeroCheckpointHook` gathers them on every
+rank just before ``CheckpointHook`` saves; ``state_dict()`` then reuses that
+gather.  ``tools/train_mm.py`` adds the hook by itself; other launchers need
+``custom_hooks=[dict(type='ZeroCheckpointHook')]`` in the config.
 """
 from __future__ import annotations
 
@@ -19,6 +26,8 @@ import inspect
 from typing import Any, Optional, Type, Union
 
 import torch
+from mmengine.dist import is_main_process
+from mmengine.hooks import CheckpointHook, Hook
 from mmengine.optim.optimizer.zero_optimizer import ZeroRedundancyOptimizer as _MMEngineZero
 from mmengine.registry import OPTIMIZERS
 from torch.distributed.optim import ZeroRedundancyOptimizer as _TorchZero
@@ -60,8 +69,9 @@ class ZeroRedundancyOptimizer(_MMEngineZero):
         **kwargs: the local optimizer's options, and torch's
             ``parameters_as_bucket_view`` / ``overlap_with_ddp``.
 
-    ``state_dict()`` is mmengine's: a collective that gathers every rank's
-    shard on rank 0 (other ranks return ``{}``).
+    ``state_dict()`` returns the whole state on rank 0 and ``{}`` elsewhere; it
+    gathers the shards (a collective: every rank must call it) unless
+    :meth:`consolidate_state_dict` already did since the last step.
     """
 
     def __init__(self, params, optimizer_type: Union[str, type], process_group: Optional[Any] = None,
@@ -77,3 +87,53 @@ class ZeroRedundancyOptimizer(_MMEngineZero):
         _TorchZero.__init__(self, params, optimizer_class, process_group=process_group, **zero_kwargs,
                             **kwargs)
 
+
+    def step(self, closure=None, **kwargs):
+        self._gathered = False
+        return _TorchZero.step(self, closure, **kwargs)
+
+    def consolidate_state_dict(self, to: int = 0) -> None:
+        _TorchZero.consolidate_state_dict(self, to)
+        self._gathered = True
+
+    def state_dict(self):
+        if not getattr(self, "_gathered", False):
+            self.consolidate_state_dict()
+        return _TorchZero.state_dict(self) if is_main_process() else dict()
+
+
+class ZeroCheckpointHook(Hook):
+    """Gathers ZeroRedundancyOptimizer shards on every rank before ``CheckpointHook`` saves."""
+
+    priority = "LOW"  # runs before CheckpointHook ('VERY_LOW') at the same point
+
+    def after_train_iter(self, runner, batch_idx, data_batch=None, outputs=None) -> None:
+        hook = _checkpoint_hook(runner)
+        if hook is not None and not hook.by_epoch and (
+                hook.every_n_train_iters(runner, hook.interval, hook.save_begin)
+                or (hook.save_last and hook.is_last_train_iter(runner))):
+            _gather(runner)
+
+    def after_train_epoch(self, runner) -> None:
+        hook = _checkpoint_hook(runner)
+        if hook is not None and hook.by_epoch and (
+                hook.every_n_epochs(runner, hook.interval, hook.save_begin)
+                or (hook.save_last and hook.is_last_train_epoch(runner))):
+            _gather(runner)
+
+    def after_val_epoch(self, runner, metrics=None) -> None:
+        hook = _checkpoint_hook(runner)
+        if hook is not None and hook.save_best and metrics:  # may save a best checkpoint
+            _gather(runner)
+
+
+def _checkpoint_hook(runner):
+    return next((h for h in runner.hooks if isinstance(h, CheckpointHook)), None)
+
+
+def _gather(runner) -> None:
+    wrappers = getattr(runner.optim_wrapper, "values", lambda: [runner.optim_wrapper])()
+    for wrapper in wrappers:
+        optimizer = getattr(wrapper, "optimizer", None)
+        if isinstance(optimizer, _TorchZero):
+            optimizer.consolidate_state_dict()
