@@ -266,3 +266,49 @@ def test_launcher_leaves_other_optimizers_alone(stand_in, tmp_path):
 def test_launcher_missing_script(tmp_path):
     proc = subprocess.run([PY, TRAIN, "--launch", str(tmp_path / "train.py")], capture_output=True, text=True)
     assert proc.returncode != 0 and "no training script" in proc.stderr
+
+
+# ---------------------------------------------------------------- zoo recipe on digits
+def test_zoo_recipe_runs_with_its_augmentation_stack(tmp_path):
+    """vit-B_300 unchanged but for a tiny model and one short epoch: RandAugment m9, mixup/cutmix,
+    random erasing, soft-target loss, bias_decay, AMP (bfloat16 on CPU), channels_last, EMA, accumulation."""
+    cfg = os.path.join(REPO_ROOT, "configs", "timm", "vit-B_300.yaml")
+    out = tmp_path / "vit"
+    result, log = run_main(["--config", cfg, "--model", "test_vit", "--img-size", "32", "--batch-size", "32",
+                            "--grad-accum-steps", "2", "--epochs", "1", "--cooldown-epochs", "0",
+                            "--warmup-epochs", "0", "--channels-last", "--model-ema", "--workers", "0",
+                            "--plot", "false", "--output", str(out)])
+    assert "aug_repeats=3 needs a distributed run" in log
+    assert "global batch 64" in log  # 32 x 1 process x 2 accumulation steps
+    header, rows = read_rows(out / "summary.csv")
+    assert len(rows) == 1 and all(v == v for v in rows[0])  # finite numbers, no NaN
+    ckpt = torch.load(out / "last.pth.tar", weights_only=True)
+    assert "state_dict_ema" in ckpt
+    with open(out / "args.yaml") as f:
+        saved = yaml.safe_load(f)
+    assert saved["aa"] == "rand-m9-mstd0.5-inc1" and saved["mixup"] == 0.8 and saved["amp"] is True
+
+
+def test_losses_follow_the_recipe():
+    from timm.loss import BinaryCrossEntropy, LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+    ns = lambda **kw: argparse.Namespace(**{"bce_loss": False, "smoothing": 0.0, "bce_target_thresh": None, **kw})  # noqa: E731
+    assert isinstance(train_timm.make_loss(ns(bce_loss=True), mixup_active=True), BinaryCrossEntropy)
+    assert isinstance(train_timm.make_loss(ns(smoothing=0.1), mixup_active=True), SoftTargetCrossEntropy)
+    assert isinstance(train_timm.make_loss(ns(smoothing=0.1), mixup_active=False), LabelSmoothingCrossEntropy)
+    assert isinstance(train_timm.make_loss(ns(), mixup_active=False), torch.nn.CrossEntropyLoss)
+
+
+def test_randaugment_posterize_to_zero_bits():
+    from PIL import Image
+    from timm.data import auto_augment
+
+    from adan_plugin.integrations.timm import _posterize_any_bits, fix_randaugment_posterize
+    fix_randaugment_posterize()
+    img = Image.new("RGB", (4, 4), (200, 77, 13))
+    assert {c for _, c in _posterize_any_bits(img, 0).getcolors()} == {(0, 0, 0)}
+    assert {c for _, c in _posterize_any_bits(img, 4).getcolors()} == {(192, 64, 0)}
+    assert _posterize_any_bits(img, 8) is img
+    # the zoo's policy at its maximum magnitude keeps 0 bits: must not raise
+    op = auto_augment.RandAugment(auto_augment.rand_augment_ops(10, transforms=["PosterizeIncreasing"]), 1)
+    op.ops[0].prob = 1.0
+    assert {c for _, c in op(img).getcolors()} == {(0, 0, 0)}

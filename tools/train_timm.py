@@ -541,6 +541,7 @@ def train(args) -> Dict[str, Any]:
     from timm.utils import ModelEmaV3, distribute_bn
 
     device = setup_distributed(args)
+    adan_plugin.integrations.timm.fix_randaugment_posterize()
     if args.lr is None:
         raise ConfigError("no learning rate: give --lr or a --config that sets lr")
     if args.grad_accum_steps < 1:

@@ -130,6 +130,37 @@ def create_optimizer(model: nn.Module, cfg: Any):
     return factory.create_optimizer_v2(model, **kwargs)
 
 
+# --------------------------------------------------------------------------- Pillow compatibility
+def _posterize_any_bits(img, bits_to_keep, **_):
+    """Posterize keeping ``bits_to_keep`` bits, 0 included (an all-black image), as Pillow < 11 did."""
+    if bits_to_keep >= 8:
+        return img
+    mask = ~(2 ** (8 - max(0, int(bits_to_keep))) - 1) & 0xFF
+    return img.point([i & mask for i in range(256)] * len(img.getbands()))
+
+
+def fix_randaugment_posterize() -> bool:
+    """Let timm's RandAugment posterize to 0 bits under a recent Pillow; True when patched.
+
+    The zoo's ``rand-m9-mstd0.5-inc1`` draws magnitudes up to 10, for which
+    timm's increasing posterize keeps 0 bits.  Pillow of the zoo's time
+    returned a black image; recent Pillow raises ``ValueError`` mid-epoch.
+    """
+    from PIL import Image, ImageOps
+    from timm.data import auto_augment
+
+    try:
+        ImageOps.posterize(Image.new("RGB", (1, 1)), 0)
+        return False
+    except ValueError:
+        pass
+    for name in ("Posterize", "PosterizeIncreasing", "PosterizeOriginal"):
+        if name in auto_augment.NAME_TO_OP:
+            auto_augment.NAME_TO_OP[name] = _posterize_any_bits
+    auto_augment.posterize = _posterize_any_bits
+    return True
+
+
 # --------------------------------------------------------------------------- launcher
 def _patched_create_optimizer_v2(original, injected: Sequence[str] = ()):
     """``create_optimizer_v2`` that also understands ``bias_decay`` (from ``--opt-kwargs``).
@@ -178,6 +209,7 @@ def launch_upstream_train(script: str, argv: Sequence[str], adan_args: Dict[str,
         raise FileNotFoundError(f"--launch: no training script at {script!r}")
     import timm.optim
 
+    fix_randaugment_posterize()
     extra = {k: v for k, v in adan_args.items() if v is not None}
     patched = _patched_create_optimizer_v2(factory.create_optimizer_v2, tuple(extra))
     timm.optim.create_optimizer_v2 = patched
