@@ -13,6 +13,7 @@ a config) calls :func:`register`, which
   mmpretrain registers its own ``Adan`` in its child registry, which a lookup
   in that scope would find before the root.  Ours replaces it there, with one
   log line saying so; mmpretrain's stays reachable as ``'MMPretrainAdan'``;
+* registers ``TimmCosineLR``, the zoo's lr schedule (see :mod:`.mmengine_schedule`);
 * lets configs inherit ``mmpretrain::_base_/...`` where ``pkg_resources`` is
   gone (see :mod:`.mmengine_package_configs`).
 """
@@ -23,11 +24,12 @@ import logging
 import warnings
 
 from mmengine.logging import print_log
-from mmengine.registry import HOOKS, OPTIMIZERS, Registry, build_from_cfg
+from mmengine.registry import HOOKS, OPTIMIZERS, PARAM_SCHEDULERS, Registry, build_from_cfg
 
 from ..adan import Adan, FusedAdan
 from .mmengine_options import optimizer_options_from_config
 from .mmengine_package_configs import enable_package_base_configs
+from .mmengine_schedule import TimmCosineLR, TimmCosineParamScheduler
 from .mmengine_zero import ZeroCheckpointHook, ZeroRedundancyOptimizer
 
 # Scopes whose packages register an optimizer as 'Adan', and the name under
@@ -40,6 +42,8 @@ def register() -> None:
     OPTIMIZERS.register_module(name="FusedAdan", module=FusedAdan, force=True)
     OPTIMIZERS.register_module(name="ZeroRedundancyOptimizer", module=ZeroRedundancyOptimizer, force=True)
     HOOKS.register_module(name="ZeroCheckpointHook", module=ZeroCheckpointHook, force=True)
+    PARAM_SCHEDULERS.register_module(name="TimmCosineLR", module=TimmCosineLR, force=True)
+    PARAM_SCHEDULERS.register_module(name="TimmCosineParamScheduler", module=TimmCosineParamScheduler, force=True)
     OPTIMIZERS.build_func = build_optimizer
     enable_package_base_configs()
     for scope in _SCOPES_WITH_OWN_ADAN:

@@ -1,0 +1,11 @@
+# ResNet-50 with Adan, 200 epochs: zoo run ResNet/Res50/args_res50_200 (zoo top-1 79.65).
+# Differs from the 100-epoch run in epochs, lr 0.015 and min_lr 1e-4.  Batch: see the 100e config.
+_base_ = ['./resnet50_adan_8xb256-100e_in1k.py']
+
+epochs = 200
+optim_wrapper = dict(optimizer=dict(lr=0.015))
+param_scheduler = [
+    dict(type='TimmCosineLR', t_initial=epochs, warmup_t=60, warmup_lr_init=1e-9, lr_min=1e-4,
+         by_epoch=True, begin=0, end=epochs + 10),
+]
+train_cfg = dict(max_epochs=epochs + 10)
