@@ -10,8 +10,8 @@ from torch.optim.optimizer import Optimizer
 
 from . import _ext
 from .clip import clip_coefficient, grad_sq_norm
-from .distributed import (any_sharded, check_grad_layout, check_process_group_spec, local_tensors,
-                          resolve_process_group)
+from .distributed import (any_sharded, check_grad_layout, check_groups_picklable, check_process_group_spec,
+                          local_tensors, resolve_process_group)
 from .functional import _multi_tensor_adan, _single_tensor_adan
 from .fused import fused_group_step
 
@@ -90,9 +90,11 @@ class Adan(Optimizer):
             supported for the parameters' device.
         clip_process_group: for sharded optimizers (torch's
             ``ZeroRedundancyOptimizer``), where this optimizer holds only this
-            rank's share of the model: ``'world'`` or a ProcessGroup makes the
-            ``max_grad_norm`` norm global, an all-reduce (sum) of the squared
-            norm over that group, on the device.  ``None`` (default): the norm
+            rank's share of the model: ``'world'``, a group's name
+            (``group.group_name``; under ZeRO, whose state_dict holds this
+            keyword, a ProcessGroup object would not pickle) or a ProcessGroup
+            makes the ``max_grad_norm`` norm global, an all-reduce (sum) of the
+            squared norm over that group, on the device.  ``None`` (default): the norm
             of the gradients this optimizer holds.  Not needed for DDP (every
             rank holds every gradient) nor FSDP2 (DTensor gradients are reduced
             over their own mesh).  Every rank of the group must call ``step()``.
@@ -138,6 +140,8 @@ class Adan(Optimizer):
         # An attribute, not a group key: a ProcessGroup cannot go into a
         # state_dict, and the norm spans all groups anyway.
         self.clip_process_group = clip_process_group
+        params = list(params)
+        check_groups_picklable([g for g in params if isinstance(g, dict)])
         super().__init__(params, defaults)
 
     # ------------------------------------------------------------------ groups

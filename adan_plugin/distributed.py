@@ -9,13 +9,16 @@ Two layouts split a model's gradients across processes:
 * Sharded optimizers (``torch.distributed.optim.ZeroRedundancyOptimizer``):
   each rank's optimizer holds plain tensors, a disjoint subset of the model.
   Nothing in a tensor says so; the user names the group with
-  ``Adan(clip_process_group=...)``.
+  ``Adan(clip_process_group=...)``: ``'world'``, a ProcessGroup, or a
+  group's name (``group.group_name``).  ZeRO copies its constructor's
+  keywords into its ``param_groups``, hence into its ``state_dict``, where
+  a ProcessGroup object cannot be pickled; a name can.
 
 Everything here is host-side metadata: nothing waits for the device.
 """
 from __future__ import annotations
 
-from typing import List, Optional, Sequence, Tuple, Union
+from typing import Any, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.distributed as dist
@@ -95,24 +98,47 @@ def shard_groups(t: Tensor) -> Tuple["dist.ProcessGroup", ...]:
     return tuple(groups)
 
 
+def is_process_group(obj: Any) -> bool:
+    return dist.is_available() and isinstance(obj, dist.ProcessGroup)
+
+
 def check_process_group_spec(spec: ProcessGroupSpec) -> None:
-    """Raise ``ValueError`` unless ``spec`` is None, 'world' or a ProcessGroup."""
-    if spec is None or spec == "world":
+    """Raise ``ValueError`` unless ``spec`` is None, 'world', a group name or a ProcessGroup."""
+    if spec is None or (isinstance(spec, str) and spec) or is_process_group(spec):
         return
-    if dist.is_available() and isinstance(spec, dist.ProcessGroup):
-        return
-    raise ValueError(f"Adan: clip_process_group must be None (local norm), 'world' or a "
-                     f"torch.distributed ProcessGroup, got {spec!r}")
+    raise ValueError(f"Adan: clip_process_group must be None (local norm), 'world', a process group's "
+                     f"name (group.group_name) or a torch.distributed ProcessGroup, got {spec!r}")
+
+
+def check_groups_picklable(param_groups: Sequence[dict]) -> None:
+    """Refuse a ProcessGroup object inside ``param_groups`` (ZeRO puts it there).
+
+    Training would work, but the first checkpoint would fail to pickle it.
+    """
+    for group in param_groups:
+        if is_process_group(group.get("clip_process_group")):
+            raise ValueError(
+                "Adan: a ProcessGroup object in a parameter group (ZeroRedundancyOptimizer copies its keywords "
+                "into its param_groups) would make the optimizer's state_dict unpicklable; pass its name "
+                "instead: clip_process_group=group.group_name (or 'world')")
 
 
 def resolve_process_group(spec: ProcessGroupSpec) -> Optional["dist.ProcessGroup"]:
     """The group named by ``spec``; raises when it needs an uninitialized default group."""
     if spec is None:
         return None
+    if is_process_group(spec):
+        return spec
     if not (dist.is_available() and dist.is_initialized()):
         raise RuntimeError(f"Adan: clip_process_group={spec!r} needs torch.distributed to be initialized "
                            "(call torch.distributed.init_process_group first)")
-    return dist.group.WORLD if spec == "world" else spec
+    if spec == "world":
+        return dist.group.WORLD
+    try:
+        return dist.distributed_c10d._resolve_process_group(spec)
+    except (KeyError, RuntimeError, ValueError) as err:
+        raise RuntimeError(f"Adan: clip_process_group={spec!r} names no process group of this process "
+                           f"({err})") from None
 
 
 def collective_device(group: Optional["dist.ProcessGroup"]) -> torch.device:

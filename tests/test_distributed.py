@@ -181,14 +181,23 @@ def _zero_worker(rank, out_dir):
     result["owned_numel"] = sum(p.numel() for g in opt.optim.param_groups for p in g["params"])
 
     # Resume from another initialisation, so only the checkpoint can make it
-    # match; the group given as a ProcessGroup object this time.
-    model, opt = build(dist.new_group(list(range(WORLD))), seed=SEED + 1)
+    # match; the group named by its name this time.  A ProcessGroup object
+    # would end up in ZeRO's state_dict, which then could not be saved.
+    group = dist.new_group(list(range(WORLD)))
+    try:
+        build(group)
+    except ValueError as err:
+        result["object_refused"] = str(err)
+    model, opt = build(group.group_name, seed=SEED + 1)
     saved = torch.load(ckpt, weights_only=True)
     model.module.load_state_dict(saved["model"])
     opt.load_state_dict(saved["optim"])
     result["resumed_step"] = opt.optim.param_groups[0]["step"]
     train(model, opt, range(RESUME_AT, STEPS), rank)
     result["resumed"] = _params(model.module)
+    opt.consolidate_state_dict(to=0)
+    if rank == 0:
+        torch.save(opt.state_dict(), os.path.join(out_dir, "zero_named_group.pt"))
 
     # What the official and mmpretrain Adans do under ZeRO: clip by the norm
     # of the shard this rank's optimizer holds.
@@ -204,6 +213,11 @@ def _zero_worker(rank, out_dir):
         lone.grad = lone_grad(step)
         opt.step()
     result["lone"] = lone.detach().clone()
+    unknown = Adan([lone], max_grad_norm=1.0, clip_process_group="no such group")
+    try:
+        unknown.step()
+    except RuntimeError as err:
+        result["unknown_group"] = str(err)
     result["lone_owned"] = len(opt.optim.param_groups[0]["params"])
     return result
 
@@ -230,9 +244,13 @@ def test_zero_global_clip_matches_single_process_and_local_clip_does_not(tmp_pat
             assert_params_close(res["local"], ref[0], "local")
         # consolidate_state_dict -> load_state_dict continues bit for bit.
         assert res["resumed_step"] == RESUME_AT
+        assert "group.group_name" in res.get("object_refused", ""), res.get("object_refused")
         for got, want in zip(res["resumed"], res["global"]):
             assert torch.equal(got, want), f"ZeRO resume diverged on rank {rank}"
     assert sorted(res["lone_owned"] for res in results) == [0, 1]
+    assert all("names no process group" in res.get("unknown_group", "") for res in results)
+    saved = torch.load(tmp_path / "zero_named_group.pt", weights_only=True)
+    assert len(saved["state"]) == len(ref[0]) and saved["param_groups"][0]["step"] == STEPS
     lone = lone_param()
     opt = Adan([lone], **HP)
     for step in range(3):
@@ -338,8 +356,9 @@ def test_fsdp2_matches_single_process_and_resumes_with_dcp(tmp_path, ref):
 # ------------------------------------------------------- single-process API
 def test_clip_process_group_argument_is_checked_and_kept():
     params = [torch.zeros(3, requires_grad=True)]
-    with pytest.raises(ValueError, match="clip_process_group"):
-        Adan(params, clip_process_group="everyone")
+    for bad in (3, "", ["world"]):
+        with pytest.raises(ValueError, match="clip_process_group"):
+            Adan(params, clip_process_group=bad)
     import copy
     opt = Adan(params, max_grad_norm=1.0, clip_process_group="world")
     # Pickling must not silently turn the global clip into a local one.
