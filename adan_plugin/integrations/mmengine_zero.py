@@ -80,7 +80,9 @@ class ZeroRedundancyOptimizer(_MMEngineZero):
         zero_kwargs = {k: kwargs.pop(k) for k in _ZERO_KEYS if k in kwargs}
         kwargs = optimizer_options_from_config(optimizer_class, kwargs)
         if issubclass(optimizer_class, Adan) and kwargs.get("max_grad_norm", 0) > 0:
-            kwargs.setdefault("clip_process_group", process_group if process_group is not None else "world")
+            # By name: ZeRO keeps this keyword in its state_dict, where a ProcessGroup would not pickle.
+            kwargs.setdefault("clip_process_group",
+                              process_group.group_name if process_group is not None else "world")
         params = list(params)
         # mmengine's __init__ would resolve optimizer_type in torch.optim only; its
         # checks (torch >= 1.12, rpc) hold for every torch this package supports.
