@@ -3,7 +3,8 @@
 - in process: 1 epoch, the loss falls; 1 epoch + resume gives the run that never stopped;
 - resume loads with weights_only=True: without the allow-list it fails, a checkpoint with any
   other object is still refused;
-- tools/train_mm.py --resume, and under torchrun on 2 processes with ZeroRedundancyOptimizer(Adan);
+- tools/train_mm.py --resume, and under torchrun on 2 processes with ZeroRedundancyOptimizer(Adan),
+  resumed there too;
 - mmpretrain's stock tools/train.py with the config's custom_imports as the only link to us.
 """
 import os
@@ -151,18 +152,23 @@ def test_train_mm_resumes_from_the_command_line(one_epoch, digits_root, tmp_path
     assert osp.exists(tmp_path / "epoch_2.pth")
 
 
-def test_train_mm_under_torchrun_with_zero_adan_on_two_processes(digits_root, tmp_path):
-    out = run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-               TRAIN_MM, CONFIG, "--launcher", "pytorch", "--work-dir", str(tmp_path),
-               "--cfg-options", "train_cfg.max_epochs=1", "optim_wrapper.optimizer.type=ZeroRedundancyOptimizer",
-               "optim_wrapper.optimizer.optimizer_type=Adan"], cwd=str(tmp_path), digits_root=digits_root)
+def test_train_mm_under_torchrun_with_zero_adan_on_two_processes_and_resume(digits_root, tmp_path):
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                TRAIN_MM, CONFIG, "--launcher", "pytorch", "--work-dir", str(tmp_path)]
+    zero = ["optim_wrapper.optimizer.type=ZeroRedundancyOptimizer", "optim_wrapper.optimizer.optimizer_type=Adan"]
+    out = run(torchrun + ["--cfg-options", "train_cfg.max_epochs=1"] + zero, cwd=str(tmp_path),
+              digits_root=digits_root)
     assert "Epoch(train) [1][10/12]" in out  # 1438 images over 2 processes, 64 each per step
+    out = run(torchrun + ["--resume", "--cfg-options", "train_cfg.max_epochs=2"] + zero, cwd=str(tmp_path),
+              digits_root=digits_root)
+    assert "resumed epoch: 1, iter: 12" in out and "Epoch(train) [2][10/12]" in out
     with mmengine_safe_globals():
-        checkpoint = torch.load(tmp_path / "epoch_1.pth")
+        checkpoint = torch.load(tmp_path / "epoch_2.pth")
     n_params = len(checkpoint["state_dict"])
     state = checkpoint["optimizer"]["state"]
     assert len(state) == n_params  # gathered from both ranks' shards
     assert all(set(st) == {"exp_avg", "exp_avg_sq", "exp_avg_diff", "neg_pre_grad"} for st in state.values())
+    assert {g["step"] for g in checkpoint["optimizer"]["param_groups"]} == {24}
 
 
 def test_stock_mmpretrain_train_py_gets_our_adan_through_custom_imports(digits_root, tmp_path):
