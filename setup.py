@@ -77,8 +77,8 @@ def _extensions():
     with_cuda = os.environ.get("FORCE_CUDA", "0") == "1" or (torch.version.cuda is not None and cuda_home)
     if os.environ.get("ADAN_NO_CUDA", "0") == "1":
         with_cuda = False
-    sources = [os.path.join(CSRC, "adan_ops.cpp"), os.path.join(CSRC, "adan_cpu.cpp")]
-    cxx = ["-O3", "-std=c++20", "-Wno-unknown-pragmas"]
+    sources = [os.path.join(CSRC, f) for f in ("adan_ops.cpp", "adan_cpu.cpp", "adan_cpu_avx2.cpp")]
+    cxx = ["-O3", "-std=c++20", "-Wno-unknown-pragmas", "-Wno-psabi"]
     include_dirs = [os.path.join(HERE, CSRC)]
     if with_cuda:
         if "TORCH_CUDA_ARCH_LIST" not in os.environ and not torch.cuda.is_available():
