@@ -148,6 +148,7 @@ def _ddp_worker(rank, out_dir, variants):
     return result
 
 
+@pytest.mark.slow
 def test_ddp_matches_single_process(tmp_path, ref):
     variants = path_variants()
     results = spawn(_ddp_worker, tmp_path, variants)
@@ -231,6 +232,7 @@ def lone_grad(step):
     return torch.linspace(-1.0, 2.0, 5) * (1.0 + 2 * step)   # norm > MAX_GRAD_NORM, growing
 
 
+@pytest.mark.slow
 def test_zero_global_clip_matches_single_process_and_local_clip_does_not(tmp_path, ref):
     results = spawn(_zero_worker, tmp_path)
     total = sum(p.numel() for p in ref[0])
@@ -330,6 +332,7 @@ def _fsdp_worker(rank, out_dir, variants):
     return result
 
 
+@pytest.mark.slow
 def test_fsdp2_matches_single_process_and_resumes_with_dcp(tmp_path, ref):
     variants = {**path_variants(),
                 "caution": dict(foreach=False, fused=False, caution=True),

@@ -1,0 +1,91 @@
+"""The training tools on 2 processes: ``torchrun --nproc_per_node 2`` on CPU/gloo.
+
+tools/train_timm.py (DDP) and tools/train_mm.py (ZeRO with Adan) run their
+tiny digits configs for one epoch; tools/train_distributed.py runs ZeRO and
+FSDP2 and must reproduce its single-process run.  ``--standalone`` makes
+torchrun pick a free port, so runs of other test sessions cannot collide.
+"""
+from __future__ import annotations
+
+import csv
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import REPO_ROOT
+
+pytestmark = pytest.mark.slow
+
+TIMEOUT_S = 300
+
+
+@pytest.fixture(scope="module")
+def digits_root():
+    from adan_plugin.data import write_digits_imagefolder
+    return str(write_digits_imagefolder())
+
+
+def _run(args, tmp_path, env_extra=None, nproc=2):
+    cmd = [sys.executable]
+    if nproc > 1:
+        cmd += ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **(env_extra or {})}
+    proc = subprocess.run(cmd + args, cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=TIMEOUT_S)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, f"{' '.join(cmd + args)} failed:\n{out[-4000:]}"
+    return out
+
+
+def test_train_timm_digits_on_two_processes(tmp_path, digits_root):
+    out_dir = tmp_path / "out"
+    log = _run([os.path.join(REPO_ROOT, "tools", "train_timm.py"),
+                "--config", os.path.join(REPO_ROOT, "configs", "timm", "demo", "digits_test_resnet.yaml"),
+                "--data-dir", digits_root, "--epochs", "1", "--plot", "false", "--output", str(out_dir)],
+               tmp_path)
+    # 64 images per process, 2 processes: the global batch says both trained.
+    assert "global batch 128" in log, log[-3000:]
+    with open(out_dir / "summary.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 1 and float(rows[0]["eval_top1"]) > 0, rows
+
+
+def test_train_mm_digits_with_zero_on_two_processes(tmp_path, digits_root):
+    from adan_plugin.integrations.mmengine_safe_globals import mmengine_safe_globals
+
+    work = tmp_path / "work"
+    log = _run([os.path.join(REPO_ROOT, "tools", "train_mm.py"),
+                os.path.join(REPO_ROOT, "configs", "mmpretrain", "lenet5_adan_digits.py"),
+                "--launcher", "pytorch", "--work-dir", str(work), "--cfg-options", "train_cfg.max_epochs=1",
+                "optim_wrapper.optimizer.type=ZeroRedundancyOptimizer",
+                "optim_wrapper.optimizer.optimizer_type=Adan"],
+               tmp_path, env_extra={"ADAN_DIGITS_ROOT": digits_root})
+    assert "Distributed training: True" in log
+    assert re.search(r"Epoch\(val\) \[1\]\[\d+/\d+\]\s+accuracy/top1", log), log[-3000:]
+    with mmengine_safe_globals():
+        ckpt = torch.load(work / "epoch_1.pth", map_location="cpu", weights_only=True)
+    optim = ckpt["optimizer"]
+    n_params = len(ckpt["state_dict"])
+    # Both ranks' shards were gathered: every parameter has its Adan state.
+    assert len(optim["state"]) == n_params and all("exp_avg_diff" in s for s in optim["state"].values())
+    assert {g["clip_process_group"] for g in optim["param_groups"]} == {"world"}
+
+
+def _final_epoch(log):
+    match = re.findall(r"train_loss ([\d.]+)\s+val top-1 ([\d.]+)%", log)
+    assert match, log[-3000:]
+    return tuple(float(v) for v in match[-1])
+
+
+def test_train_distributed_zero_and_fsdp2_follow_single_process(tmp_path):
+    script = os.path.join(REPO_ROOT, "tools", "train_distributed.py")
+    common = ["--epochs", "1", "--max-grad-norm", "0.5"]
+    loss, top1 = _final_epoch(_run([script, "--strategy", "none", *common], tmp_path, nproc=1))
+    for strategy in ("zero", "fsdp2"):
+        got_loss, got_top1 = _final_epoch(_run([script, "--strategy", strategy, *common], tmp_path))
+        assert got_loss == pytest.approx(loss, abs=2e-4), strategy
+        assert got_top1 == pytest.approx(top1, abs=0.3), strategy   # one validation image is 0.28%
