@@ -65,6 +65,14 @@ def _worker(rank, init_file, out_dir):
                 results["state_keys"] = sorted({k for st in state["state"].values() for k in st})
                 results["state_count"] = len(state["state"])
                 results["steps"] = [g["step"] for g in state["param_groups"]]
+            # What ZeroCheckpointHook and mmengine's rank-0-only save do: gather on every rank,
+            # then state_dict() on rank 0 alone (it must not wait for the others).
+            loss = torch.nn.functional.cross_entropy(model(xs[0][rank::WORLD]), ys[0][rank::WORLD])
+            wrapper.update_params(loss)
+            zero.consolidate_state_dict()
+            if rank == 0:
+                results["steps_after_one_more"] = [g["step"] for g in zero.state_dict()["param_groups"]]
+            dist.barrier()
     if rank == 0:
         torch.save(results, os.path.join(out_dir, "zero.pt"))
     dist.destroy_process_group()
@@ -91,6 +99,7 @@ def test_zero_adan_on_two_gloo_processes_matches_single_process(tmp_path):
     assert got["state_count"] == len(want)
     assert got["state_keys"] == ["exp_avg", "exp_avg_diff", "exp_avg_sq", "neg_pre_grad"]
     assert all(step == STEPS for step in got["steps"])
+    assert all(step == STEPS + 1 for step in got["steps_after_one_more"])
     for p_zero, p_ref in zip(got["global"], want):
         torch.testing.assert_close(p_zero, p_ref, rtol=1e-5, atol=1e-6)
     worst_local = max((a - b).abs().max().item() for a, b in zip(got["local"], want))

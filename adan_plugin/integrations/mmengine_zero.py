@@ -94,6 +94,10 @@ class ZeroRedundancyOptimizer(_MMEngineZero):
         self._gathered = False
         return _TorchZero.step(self, closure, **kwargs)
 
+    def load_state_dict(self, state_dict) -> None:
+        self._gathered = False
+        _TorchZero.load_state_dict(self, state_dict)
+
     def consolidate_state_dict(self, to: int = 0) -> None:
         _TorchZero.consolidate_state_dict(self, to)
         self._gathered = True
