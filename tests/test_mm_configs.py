@@ -30,6 +30,7 @@ ZOO_RUN = {  # config -> zoo YAML
     "convnext-tiny_adan_8xb256-300e_in1k.py": "ConvNext/small/args_cvnext_300.yaml",
 }
 PROCESSES = 8  # every zoo run: 8 processes x batch_size 256 = 2048
+TIMM_MODEL = {"vit": "deit_base_patch16_224", "resnet50": "resnet50", "convnext": "convnext_tiny_hnf"}  # YAML `model`
 
 
 def test_every_imagenet_config_is_mapped_to_a_zoo_run():
@@ -142,6 +143,21 @@ def build_model(cfg):
         with DefaultScope.overwrite_default_scope("mmpretrain"):
             _MODELS[key] = MODELS.build(cfg.model)
     return _MODELS[key]
+
+
+@pytest.mark.parametrize("family, name", [(f, next(n for n in sorted(ZOO_RUN) if n.startswith(f)))
+                                          for f in TIMM_MODEL])
+def test_model_is_the_zoo_runs_timm_model(family, name):
+    import timm
+
+    with torch.device("meta"):
+        reference = timm.create_model(TIMM_MODEL[family], pretrained=False)
+    model = build_model(load(name))
+    # parameter by parameter (sizes: timm's ConvNeXt holds its MLP as 1x1 convs, mmpretrain's as linears)
+    assert sorted(p.numel() for p in model.parameters()) == sorted(p.numel() for p in reference.parameters())
+    if osp.isdir(ZOO_DIR):
+        with open(osp.join(ZOO_DIR, "timm", ZOO_RUN[name])) as f:
+            assert yaml.safe_load(f)["model"] == TIMM_MODEL[family]
 
 
 @pytest.mark.parametrize("name", sorted(ZOO_RUN) + ["lenet5_adan_digits.py"])
