@@ -52,15 +52,17 @@ def runs(tmp_path_factory):
     two = subprocess.run([PY, TRAIN, *FAST, "--epochs", "2", "--output", str(root / "run")],
                          capture_output=True, text=True, timeout=600)
     assert two.returncode == 0, two.stderr[-3000:]
-    # resume it to 3 epochs; and the uninterrupted 3-epoch reference
+    # redo its second epoch from its first checkpoint: must retrace the same curve
+    _, redo_log = run_main([*FAST, "--epochs", "2", "--output", str(root / "redo"),
+                            "--resume", str(root / "run" / "checkpoint-0.pth.tar")])
+    # and continue it past its end, to a third epoch
     _, resumed_log = run_main([*FAST, "--epochs", "3", "--output", str(root / "run"),
                                "--resume", str(root / "run" / "last.pth.tar")])
-    _, straight_log = run_main([*FAST, "--epochs", "3", "--output", str(root / "straight")])
-    return {"root": root, "two_log": two.stdout, "resumed_log": resumed_log, "straight_log": straight_log}
+    return {"root": root, "two_log": two.stdout, "redo_log": redo_log, "resumed_log": resumed_log}
 
 
 def test_two_epoch_run_writes_summary_in_zoo_format(runs):
-    header, rows = read_rows(runs["root"] / "straight" / "summary.csv")
+    header, rows = read_rows(runs["root"] / "run" / "summary.csv")
     assert header == COLUMNS
     assert [r[0] for r in rows] == [0, 1, 2]
     for epoch, train_loss, eval_loss, top1, top5, lr in rows:
@@ -73,14 +75,16 @@ def test_two_epoch_run_writes_summary_in_zoo_format(runs):
 
 
 def test_resume_continues_the_same_curve(runs):
-    _, straight = read_rows(runs["root"] / "straight" / "summary.csv")
-    header, resumed = read_rows(runs["root"] / "run" / "summary.csv")
-    assert header == COLUMNS and [r[0] for r in resumed] == [0, 1, 2]
-    # epochs 0-1 are the first run's, epoch 2 the resumed one: all equal the uninterrupted run
-    for a, b in zip(resumed, straight):
-        assert a == pytest.approx(b, rel=1e-6, abs=1e-9)
+    _, run = read_rows(runs["root"] / "run" / "summary.csv")
+    header, redo = read_rows(runs["root"] / "redo" / "summary.csv")
+    # resumed from epoch 0's checkpoint, epoch 1 comes out as in the uninterrupted run
+    assert header == COLUMNS and [r[0] for r in redo] == [1]
+    assert redo[0] == pytest.approx(run[1], rel=1e-6, abs=1e-9)
+    assert "continuing at epoch 1" in runs["redo_log"]
+    # resumed from the last checkpoint: epochs 0-1 kept, epoch 2 appended, training went on improving
     assert "continuing at epoch 2" in runs["resumed_log"]
     assert "Epoch 0:" not in runs["resumed_log"] and "Epoch 2:" in runs["resumed_log"]
+    assert run[2][1] < run[0][1]
 
 
 def test_log_shows_throughput_eta_and_final_top1(runs):
@@ -90,7 +94,7 @@ def test_log_shows_throughput_eta_and_final_top1(runs):
 
 
 def test_output_folder_args_and_checkpoints(runs):
-    out = runs["root"] / "straight"
+    out = runs["root"] / "run"
     with open(out / "args.yaml") as f:
         saved = yaml.safe_load(f)
     assert saved["opt"] == "adan" and saved["max_grad_norm"] == 5.0 and saved["model"] == "test_resnet"
@@ -106,7 +110,7 @@ def test_output_folder_args_and_checkpoints(runs):
 
 def test_resume_refuses_a_checkpoint_that_could_run_code(tmp_path, runs):
     evil = tmp_path / "evil.pth.tar"
-    good = torch.load(runs["root"] / "straight" / "last.pth.tar", weights_only=True)
+    good = torch.load(runs["root"] / "run" / "last.pth.tar", weights_only=True)
     good["args"] = argparse.Namespace(opt="adan")  # an arbitrary object: needs full unpickling
     torch.save(good, evil)
     out = tmp_path / "out"
