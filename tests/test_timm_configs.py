@@ -8,7 +8,6 @@ import os
 import re
 
 import pytest
-import timm
 import torch
 import yaml
 from timm.layers import DropPath

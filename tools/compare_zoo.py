@@ -21,7 +21,6 @@ import argparse
 import csv
 import math
 import os
-import sys
 from typing import Dict, List, Optional, Sequence
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
