@@ -5,6 +5,7 @@ param_groups_weight_decay are the references for the schedule and for `bias_deca
 """
 import functools
 import glob
+import math
 import os.path as osp
 
 import pytest
@@ -130,6 +131,38 @@ def test_lr_schedule_is_timms_cosine_epoch_by_epoch(name):
             opt.step()
             sched.step() if who == "ours" else sched.step(epoch + 1)
     assert lrs["ours"] == pytest.approx(lrs["timm"], rel=1e-12, abs=1e-15)
+
+
+@pytest.mark.filterwarnings("ignore:Detected call of `scheduler.step\\(\\)` before")  # no optimizer steps here
+def test_timm_cosine_lr_resumes_and_converts_to_iterations():
+    def schedule(**kw):
+        opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+        cfg = dict(type="TimmCosineLR", optimizer=opt, t_initial=10, warmup_t=3, warmup_lr_init=1e-3, lr_min=1e-4,
+                   begin=0, end=12, **kw)
+        sched = PARAM_SCHEDULERS.build(cfg) if "epoch_length" not in kw else \
+            PARAM_SCHEDULERS.get("TimmCosineLR").build_iter_from_epoch(**{k: v for k, v in cfg.items() if k != "type"})
+        return opt, sched
+
+    opt, sched = schedule()
+    for _ in range(5):
+        sched.step()
+    state = sched.state_dict()
+    opt2, resumed = schedule()
+    resumed.load_state_dict(state)
+    sched.step()
+    resumed.step()
+    assert opt2.param_groups[0]["lr"] == opt.param_groups[0]["lr"] == pytest.approx(
+        1e-4 + 0.5 * (0.1 - 1e-4) * (1 + math.cos(math.pi * 6 / 10)))
+    opt, per_iter = schedule(epoch_length=4)  # every 4th iteration is an epoch boundary
+    lrs = []
+    for _ in range(48):
+        lrs.append(opt.param_groups[0]["lr"])
+        per_iter.step()
+    opt_e, per_epoch = schedule()
+    for epoch in range(12):
+        assert lrs[4 * epoch] == pytest.approx(opt_e.param_groups[0]["lr"]), epoch
+        per_epoch.step()
+    assert lrs[1] > lrs[0] and lrs[5] > lrs[4]  # warmup moves within an epoch too
 
 
 _MODELS = {}

@@ -37,6 +37,17 @@ class TimmCosineParamScheduler(_ParamScheduler):
         super().__init__(optimizer, param_name, begin=begin, end=end, last_step=last_step, by_epoch=by_epoch,
                          verbose=verbose)
 
+    @classmethod
+    def build_iter_from_epoch(cls, *args, t_initial, warmup_t=0, begin=0, end=INF, by_epoch=True,
+                              epoch_length=None, **kwargs):
+        """``convert_to_iter_based=True``: the same curve, updated every iteration (timm's ``sched_on_updates``)."""
+        if not by_epoch or not epoch_length or epoch_length <= 0:
+            raise ValueError(f"TimmCosineLR: convert_to_iter_based needs by_epoch=True and a positive epoch "
+                             f"length, got by_epoch={by_epoch}, epoch_length={epoch_length}")
+        return cls(*args, t_initial=t_initial * epoch_length, warmup_t=warmup_t * epoch_length,
+                   begin=int(begin * epoch_length), end=end if end == INF else int(end * epoch_length),
+                   by_epoch=False, **kwargs)
+
     def value_at(self, t: int, base: float) -> float:
         if t < self.warmup_t:
             return self.warmup_lr_init + t * (base - self.warmup_lr_init) / self.warmup_t
