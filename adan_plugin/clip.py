@@ -64,13 +64,16 @@ def grad_sq_norm(grads: Iterable[Tensor], device: Optional[torch.device] = None,
     order (they do under FSDP2), since the all-reduces are issued in that order.
     """
     plain: List[Tensor] = []
-    # One all-reduce per distinct sharding, not one per gradient.
-    sharded: Dict[Tuple["dist.ProcessGroup", ...], List[Tensor]] = {}
+    by_layout: Dict[tuple, List[Tensor]] = {}
     for g in grads:
         if is_dtensor(g):
-            sharded.setdefault(shard_groups(g), []).append(g.to_local())
+            by_layout.setdefault((g.device_mesh, tuple(g.placements)), []).append(g)
         else:
             plain.append(g)
+    # One all-reduce per distinct set of shard groups, not one per gradient.
+    sharded: Dict[Tuple["dist.ProcessGroup", ...], List[Tensor]] = {}
+    for same_layout in by_layout.values():
+        sharded.setdefault(shard_groups(same_layout[0]), []).extend(g.to_local() for g in same_layout)
     if device is None:
         first = plain[0] if plain else next((ts[0] for ts in sharded.values()), None)
         if first is not None:

@@ -76,7 +76,8 @@ def check_grad_layout(param: Tensor, grad: Tensor) -> None:
         raise RuntimeError(f"Adan: a gradient DTensor has placements {tuple(grad.placements)}: it is a partial "
                            "sum not yet reduced across ranks; reduce it (e.g. redistribute to Shard/Replicate) "
                            "before optimizer.step()")
-    if grad.device_mesh != param.device_mesh or tuple(grad.placements) != tuple(param.placements):
+    same_mesh = grad.device_mesh is param.device_mesh or grad.device_mesh == param.device_mesh
+    if not same_mesh or tuple(grad.placements) != tuple(param.placements):
         raise RuntimeError(f"Adan: a gradient DTensor is laid out as {tuple(grad.placements)} on "
                            f"{grad.device_mesh}, its parameter as {tuple(param.placements)} on "
                            f"{param.device_mesh}; they must match")
