@@ -273,12 +273,12 @@ def _fsdp_worker(rank, out_dir, variants):
 
     mesh = init_device_mesh("cpu", (WORLD,))
 
-    def build(seed=SEED, **kw):
+    def build(seed=SEED, on=mesh, **kw):
         model = make_model(seed)
         for layer in model:
             if isinstance(layer, nn.Linear):
-                fully_shard(layer, mesh=mesh)
-        fully_shard(model, mesh=mesh)
+                fully_shard(layer, mesh=on)
+        fully_shard(model, mesh=on)
         return model, Adan(model.parameters(), **{**HP, **kw})
 
     def full(model):
@@ -294,6 +294,15 @@ def _fsdp_worker(rank, out_dir, variants):
             result["local_shapes"] = [tuple(p.to_local().shape) for p in model.parameters()]
             result["state_is_dtensor"] = all(isinstance(v, DTensor) for st in opt.state.values()
                                              for v in st.values())
+
+    # HSDP on a (replicate=2, shard=1) mesh: every rank holds whole gradients
+    # as DTensors (Replicate, Shard(0)); summing over the replicate dimension
+    # would count each gradient twice.
+    hsdp_mesh = init_device_mesh("cpu", (WORLD, 1), mesh_dim_names=("replicate", "shard"))
+    model, opt = build(on=hsdp_mesh, **variants["single"])
+    train(model, opt, range(STEPS), rank)
+    result["hsdp"] = full(model)
+    result["hsdp_placements"] = str(next(model.parameters()).grad.placements)
 
     # torch.distributed.checkpoint: save after RESUME_AT steps, resume a model
     # built from another seed, continue.
@@ -345,6 +354,8 @@ def test_fsdp2_matches_single_process_and_resumes_with_dcp(tmp_path, ref):
         for name in variants:
             assert_params_close(res[name], refs[name], f"FSDP2 rank {rank} {name}")
             assert res[name + "_ran_fused"] == (name == "fused")
+        assert "Replicate" in res["hsdp_placements"], res["hsdp_placements"]
+        assert_params_close(res["hsdp"], refs["single"], f"HSDP rank {rank}")
         assert res["resumed_step"] == RESUME_AT
         for got, want in zip(res["resumed"], res["straight"]):
             assert torch.equal(got, want), f"FSDP2 DCP resume diverged on rank {rank}"
