@@ -389,3 +389,36 @@ def test_clip_process_group_without_init_raises_and_changes_nothing():
         opt.step()
     assert opt.state_dict()["state"] == {} and "step" not in opt.param_groups[0]
     assert torch.equal(p.detach(), torch.ones(3))
+
+
+@pytest.mark.cuda
+def test_step_does_not_wait_for_the_gpu(tmp_path):
+    """FSDP2 (DTensor) and clip_process_group on one GPU under sync-debug mode 'error'.
+
+    World size 1 (one GPU is what the GPU test machines have): the clip's
+    all-reduces are skipped for one-rank groups, the DTensor and norm code
+    around them runs as on N GPUs.
+    """
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    dist.init_process_group("nccl", init_method="file://" + str(tmp_path / "rendezvous"), rank=0, world_size=1)
+    try:
+        sharded = make_model().cuda()
+        fully_shard(sharded, mesh=init_device_mesh("cuda", (1,)))
+        plain = make_model().cuda()
+        for model, extra in ((sharded, {}), (plain, dict(clip_process_group="world"))):
+            opt = Adan(model.parameters(), **HP, **extra)
+            for step in range(3):
+                x, y = (t.cuda() for t in batch(step))
+                opt.zero_grad(set_to_none=True)
+                loss_of(model, x, y).backward()
+                torch.cuda.set_sync_debug_mode("error")
+                try:
+                    opt.step()
+                finally:
+                    torch.cuda.set_sync_debug_mode(0)
+        torch.testing.assert_close([p.full_tensor() for p in sharded.parameters()],
+                                   list(plain.parameters()), rtol=RTOL, atol=ATOL)
+    finally:
+        dist.destroy_process_group()
