@@ -43,6 +43,11 @@ struct DeviceScalars {
   const float* found_inf;
 };
 
+// The classic kernel-parameter limit; staying under it keeps every toolkit/arch happy.
+static_assert(sizeof(TensorBatch) + sizeof(AdanHyper) + sizeof(double) + sizeof(bool) + sizeof(DeviceScalars) +
+                      32 <= 4096,
+              "fused_adan_ kernel arguments exceed 4 KiB");
+
 template <typename T>
 struct alignas(sizeof(T) * kVec) VecT {
   T v[kVec];

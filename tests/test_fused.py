@@ -416,3 +416,19 @@ def test_portable_and_avx2_loops_agree(tmp_path):
     for xs, ys in zip(*results):
         for x, y in zip(xs, ys):
             torch.testing.assert_close(x, y)  # dtype-default tolerances: 1-ulp rounding differences
+
+
+def test_step_allocates_no_parameter_sized_temporaries():
+    def big_allocations(**kwargs):
+        params = [torch.nn.Parameter(torch.randn(2 ** 20)) for _ in range(3)]  # 4 MiB each
+        for p in params:
+            p.grad = torch.randn_like(p)
+        opt = Adan(params, max_grad_norm=1.0, **kwargs)
+        opt.step()  # creates the state
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+            opt.step()
+        return [e.cpu_memory_usage for e in prof.events() if e.cpu_memory_usage >= 2 ** 20]
+
+    assert big_allocations(fused=False, foreach=False)  # the detector sees the unfused path's temporaries
+    assert big_allocations(fused=True) == []
+    assert big_allocations(fused=True, state_dtype=torch.bfloat16) == []
