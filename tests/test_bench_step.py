@@ -127,7 +127,7 @@ def _info(kind, copy_gbps):
                       versions={"torch": "t", "timm": "t", "mmpretrain": "m", "python": "p",
                                 "adan_plugin": "abc", "adan_plugin._C": "built"},
                       threads=2, load_before=(0, 0, 0), load_after=(0, 0, 0), copy_gbps=copy_gbps,
-                      copy_mib=1, command="cmd", settings="s")
+                      floor_detail="f", command="cmd", settings="s")
 
 
 def _row(model, variant, ms, params=10**6, bytes_per_param=44):
@@ -183,3 +183,13 @@ def test_cli_writes_its_section_and_keeps_the_other(tmp_path):
     text = doc.read_text()
     assert text.count("#### tiny") == 1 and "GPU SENTINEL" in text
     assert "torch AdamW fused" not in bs._extract(text, "cpu")
+
+
+def test_fused_temporary_target_compares_with_the_largest_parameter_tensor():
+    rows = [bs.Row("resnet50", "ours-fused", "f", times=[0.01], params=10, bytes=440,
+                   largest_tensor_bytes=8 * 2**20, peak_extra=2**17),
+            bs.Row("convnext_tiny", "ours-fused", "f", times=[0.01], params=10, bytes=440,
+                   largest_tensor_bytes=8 * 2**20, peak_extra=9 * 2**20)]
+    verdicts = {t.text.split(",")[0]: t.verdict for t in bs.evaluate_targets(rows, _info("cpu", 10.0))
+                if "temporary" in t.text}
+    assert verdicts == {"resnet50": "met", "convnext_tiny": "not met"}
