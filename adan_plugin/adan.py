@@ -140,8 +140,9 @@ class Adan(Optimizer):
         # An attribute, not a group key: a ProcessGroup cannot go into a
         # state_dict, and the norm spans all groups anyway.
         self.clip_process_group = clip_process_group
-        params = list(params)
-        check_groups_picklable([g for g in params if isinstance(g, dict)])
+        if not isinstance(params, Tensor):  # a lone tensor gets torch's own TypeError below
+            params = list(params)
+            check_groups_picklable([g for g in params if isinstance(g, dict)])
         super().__init__(params, defaults)
 
     # ------------------------------------------------------------------ groups
