@@ -49,10 +49,6 @@ def local_tensors(*lists: Sequence[Tensor]) -> Tuple[List[Tensor], ...]:
     return tuple([local_tensor(t) for t in ts] for ts in lists)
 
 
-def any_dtensor(tensors: Sequence[Tensor]) -> bool:
-    return any(is_dtensor(t) for t in tensors)
-
-
 def any_sharded(tensors: Sequence[Tensor]) -> bool:
     """True when some DTensor in ``tensors`` is split across ranks."""
     return any(is_dtensor(t) and shard_groups(t) for t in tensors)
