@@ -6,7 +6,8 @@ Two ways to count steps:
 
 * host mode (default): ``group['step']`` is a Python int, as in the unfused
   paths and the official/timm/mmpretrain Adans;
-* device mode (``capturable=True`` or AMP ``found_inf`` given):
+* device mode (``capturable=True``, AMP ``found_inf`` given, or a group
+  already counting on the device):
   ``group['step']`` is a 0-dim float32 tensor on the parameters' device and
   every parameter's state holds its own ``'step'`` tensor.  Both advance by
   ``1 - found_inf`` on the device, so a skipped AMP step changes nothing and
@@ -109,7 +110,9 @@ def fused_group_step(optimizer, group: Dict[str, Any], params: List[Tensor], gra
                      grad_coef: Optional[Tensor], grad_scale: Optional[Tensor],
                      found_inf: Optional[Tensor]) -> None:
     """Advance ``group``'s step count and apply the fused update to ``params``."""
-    device_mode = bool(group.get("capturable")) or found_inf is not None
+    # Once a group counts on the device it stays there: its per-parameter
+    # counts are then the only record of which first steps were skipped.
+    device_mode = bool(group.get("capturable")) or found_inf is not None or isinstance(group.get("step"), Tensor)
     state_dtype = group.get("state_dtype")
     fresh: List[bool] = []
     m, n, d, neg, param_steps = [], [], [], [], []

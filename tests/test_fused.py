@@ -204,7 +204,9 @@ def test_skipped_first_steps_and_late_parameters_match_reference():
     assert late is not None
     for k in range(6):  # group 1, param 0 has no gradient for the first 6 steps
         prob.grads[k][1][0] = None
-    skipped = {0, 1, 5, 9}  # step 5: the late parameter's first gradient is skipped
+    for k in range(13):  # group 0, param 0 gets its first gradient on the last, skipped, step
+        prob.grads[k][0][0] = None
+    skipped = {0, 1, 5, 9, 13}  # step 5: the late parameter's first gradient is skipped
     ref = RefAdan(reference_groups(prob), max_grad_norm=prob.max_grad_norm)
     groups = param_groups(prob)
     opt = Adan(groups, fused=True, max_grad_norm=prob.max_grad_norm)
@@ -219,6 +221,15 @@ def test_skipped_first_steps_and_late_parameters_match_reference():
             ref.step(grads)
     _assert_tracks(groups, ref, rtol=2e-5, atol=2e-6)
     assert [float(g["step"]) for g in opt.param_groups] == [len(prob.grads) - len(skipped)] * 2
+    # Without AMP afterwards the group keeps counting on the device, so group 0's
+    # param 0, whose only gradient so far was skipped, still takes a first step.
+    del opt.found_inf
+    for _ in range(3):
+        grads = [[torch.randn(p.shape, dtype=torch.float64) for p in group["params"]] for group in groups]
+        run_torch(opt, groups, [grads])
+        ref.step(grads)
+    _assert_tracks(groups, ref, rtol=2e-5, atol=2e-6)
+    assert [float(g["step"]) for g in opt.param_groups] == [len(prob.grads) - len(skipped) + 3] * 2
 
 
 def test_grad_scaler_step_uses_the_kernel_path():
