@@ -316,3 +316,9 @@ def test_randaugment_posterize_to_zero_bits():
     op = auto_augment.RandAugment(auto_augment.rand_augment_ops(10, transforms=["PosterizeIncreasing"]), 1)
     op.ops[0].prob = 1.0
     assert {c for _, c in op(img).getcolors()} == {(0, 0, 0)}
+
+
+def test_resume_with_another_model_is_a_clear_error(tmp_path, runs):
+    msg = _error([*FAST, "--model", "test_vit", "--epochs", "3", "--output", str(tmp_path / "o"),
+                  "--resume", str(runs["root"] / "run" / "last.pth.tar")])
+    assert "test_resnet" in msg and "test_vit" in msg

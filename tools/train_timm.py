@@ -383,9 +383,20 @@ def load_checkpoint(path: str) -> Dict[str, Any]:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # pickle errors name the offending global
         raise ConfigError(f"checkpoint {path!r} cannot be loaded safely (weights_only=True): {err}") from None
-    if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
+    if not isinstance(ckpt, dict):
+        raise ConfigError(f"checkpoint {path!r} holds a {type(ckpt).__name__}, not a dict")
+    if "state_dict" not in ckpt:
+        if ckpt and all(isinstance(v, torch.Tensor) for v in ckpt.values()):
+            return {"state_dict": ckpt}  # a bare model state_dict (e.g. for --initial-checkpoint)
         raise ConfigError(f"checkpoint {path!r} has no 'state_dict'")
     return ckpt
+
+
+def load_model_state(model, state_dict, path: str) -> None:
+    try:
+        model.load_state_dict(state_dict)
+    except RuntimeError as err:
+        raise ConfigError(f"checkpoint {path!r} does not fit model: {str(err).splitlines()[0]}") from None
 
 
 def read_summary(path: str) -> List[Dict[str, float]]:
@@ -567,7 +578,7 @@ def train(args) -> Dict[str, Any]:
 
     model = create_model(args, num_classes)
     if args.initial_checkpoint:
-        model.load_state_dict(load_checkpoint(args.initial_checkpoint)["state_dict"])
+        load_model_state(model, load_checkpoint(args.initial_checkpoint)["state_dict"], args.initial_checkpoint)
     if args.grad_checkpointing:
         model.set_grad_checkpointing(True)
     data_config = resolve_data_config(vars(args), model=model, verbose=False)
@@ -584,7 +595,9 @@ def train(args) -> Dict[str, Any]:
     output_dir = output_dir_for(args)
     ckpt = load_checkpoint(args.resume) if args.resume else None
     if ckpt is not None:
-        model.load_state_dict(ckpt["state_dict"])
+        if ckpt.get("arch") not in (None, args.model):
+            raise ConfigError(f"checkpoint {args.resume!r} is of model {ckpt['arch']!r}, not {args.model!r}")
+        load_model_state(model, ckpt["state_dict"], args.resume)
         if not args.no_resume_opt and "optimizer" in ckpt:
             optimizer.load_state_dict(ckpt["optimizer"])
             if scaler is not None and "scaler" in ckpt:
