@@ -469,8 +469,6 @@ def train_one_epoch(epoch, model, loader, optimizer, loss_fn, args, device, lr_s
         with sync:
             with autocast():
                 loss = loss_fn(model(inputs), target)
-            if not math.isfinite(loss.item()):
-                raise RuntimeError(f"loss is {loss.item()} at epoch {epoch} batch {idx}; stopping")
             scaled = loss / accum
             (scaler.scale(scaled) if scaler is not None else scaled).backward()
         if need_update:
@@ -486,12 +484,16 @@ def train_one_epoch(epoch, model, loader, optimizer, loss_fn, args, device, lr_s
             optimizer.zero_grad(set_to_none=True)
             num_updates += 1
             if model_ema is not None:
-                model_ema.update(model, step=num_updates)
+                model_ema.update(getattr(model, "module", model), step=num_updates)  # unwrapped from DDP
             if lr_scheduler is not None:
                 lr_scheduler.step_update(num_updates=num_updates)
         loss_sum += loss.detach() * inputs.shape[0]
         seen += inputs.shape[0]
         clock["batches_done"] += 1
+        if last or (idx + 1) % args.log_interval == 0:
+            # checked where the loss is read anyway: no host sync on the other batches
+            if not math.isfinite(loss.item()):
+                raise RuntimeError(f"loss is {loss.item()} at epoch {epoch} batch {idx}; stopping")
         if is_main(args) and (last or (idx + 1) % args.log_interval == 0):
             elapsed = time.time() - t_epoch
             rate = seen * args.world_size / max(elapsed, 1e-9)
@@ -586,6 +588,8 @@ def train(args) -> Dict[str, Any]:
     if args.channels_last:
         model.to(memory_format=torch.channels_last)
     if args.distributed and args.sync_bn:
+        if device.type != "cuda":
+            raise ConfigError("--sync-bn needs CUDA devices (torch's SyncBatchNorm); drop it for CPU runs")
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
 
     optimizer = adan_plugin.integrations.timm.create_optimizer(model, args)
