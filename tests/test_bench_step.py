@@ -163,7 +163,7 @@ def test_cli_writes_its_section_and_keeps_the_other(tmp_path):
     doc.write_text("old\n" + bs.SECTION_BEGIN.format(kind="cuda") + "\nGPU SENTINEL\n"
                    + bs.SECTION_END.format(kind="cuda") + "\n")
     rows = bs.main(["--device", "cpu", "--models", "tiny", "--variants", "ours-foreach,adamw-fused,ours-single",
-                    "--repeats", "2", "--min-repeats", "1", "--warmup", "1", "--copy-mib", "4",
+                    "--repeats", "2", "--min-repeats", "1", "--warmup", "1", "--copy-mib", "4", "--rounds", "1",
                     "--no-memory", "--output", str(doc)])
     text = doc.read_text()
     assert text.startswith("# Optimizer-step benchmarks")
@@ -179,7 +179,7 @@ def test_cli_writes_its_section_and_keeps_the_other(tmp_path):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # A second CPU run replaces the CPU section, not appends to it.
     bs.main(["--device", "cpu", "--models", "tiny", "--variants", "ours-foreach", "--repeats", "1",
-             "--min-repeats", "1", "--warmup", "0", "--copy-mib", "4", "--no-memory", "--output", str(doc)])
+             "--min-repeats", "1", "--warmup", "0", "--copy-mib", "4", "--rounds", "1", "--no-memory", "--output", str(doc)])
     text = doc.read_text()
     assert text.count("#### tiny") == 1 and "GPU SENTINEL" in text
     assert "torch AdamW fused" not in bs._extract(text, "cpu")

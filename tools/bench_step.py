@@ -602,7 +602,12 @@ def versions() -> Dict[str, str]:
         out["adan_plugin"] = "unknown"
     try:
         from adan_plugin import _ext
-        out["adan_plugin._C"] = "built" if _ext.extension_loaded() else "not built"
+        if _ext.extension_loaded():
+            import adan_plugin._C as ext
+            built = datetime.datetime.fromtimestamp(os.path.getmtime(ext.__file__), datetime.timezone.utc)
+            out["adan_plugin._C"] = f"built {built.strftime('%Y-%m-%d %H:%M UTC')}"
+        else:
+            out["adan_plugin._C"] = "not built"
     except ImportError:
         out["adan_plugin._C"] = "adan_plugin not importable"
     return out
@@ -720,7 +725,8 @@ def section(rows: Sequence[Row], info: RunInfo, chart: Optional[str]) -> str:
         f"### Run: {info.device_type.upper()} — {info.device}", "",
         f"- date: {info.date}",
         f"- versions: torch {v['torch']}, timm {v['timm']}, mmpretrain {v['mmpretrain']}, "
-        f"python {v['python']}, adan_plugin commit {v['adan_plugin']} (extension: {v['adan_plugin._C']})",
+        f"python {v['python']}, adan_plugin commit {v['adan_plugin']} at the start of the run "
+        f"(extension adan_plugin._C: {v['adan_plugin._C']})",
         f"- command: `{info.command}` ({info.settings})",
         f"- torch threads: {info.threads}; load average (1/5/15 min) before: "
         + "/".join(f"{x:.2f}" for x in info.load_before) + ", after: "
@@ -798,13 +804,25 @@ head, position embedding of 2048 rows; per layer two LayerNorms, qkv, attention 
 fc2, each Linear with a bias; a final LayerNorm).  GPT-2 runs on a GPU by default: with ~0.76 B / 1.3 B
 parameters its Adan state alone is 12 / 21 GB in fp32, more than a shared 24 GiB CPU machine can hold for
 every variant (`--models gpt2-1536` on a CPU runs it if memory allows, otherwise its rows say why not).
+On the CPU the `torch.compile` variant runs on ResNet-50 shapes only by default (`--compile-models`):
+compiling takes minutes on two cores.  Our step count is a Python int, so dynamo compiles three graphs
+(first step, second step, then a dynamic step count) before the step settles; the tool warms up until a
+step compiles nothing new.
+
+Reading CPU numbers from a shared machine: torch runs each op with its intra-op thread pool, and an op
+split over two threads waits for both.  When other processes keep the cores busy, every parallel region
+can wait a scheduler time slice for its second thread (seen here: `sqrt` of a 4096-element tensor took
+about 10 ms with two threads under load, 2 µs with one), so implementations that issue many ops per step
+(single-tensor and foreach paths: over a thousand on these models) slow down far more than a one-pass
+kernel (ours fused: one parallel region per step).  Each run states its load average; compare ratios within a run only.
 """
 
 SECTION_BEGIN = "<!-- bench_step:{kind}:begin -->"
 SECTION_END = "<!-- bench_step:{kind}:end -->"
 PLACEHOLDER = {
     "cpu": "### Run: CPU\n\nNo CPU run recorded yet.",
-    "cuda": "### Run: CUDA\n\nNo GPU run recorded: no GPU number is claimed. The GPU targets (ours fused ≥ 85% "
+    "cuda": "### Run: CUDA\n\nNo GPU run recorded (the machine these results come from has no GPU): no GPU "
+            "number is claimed. The GPU targets (ours fused ≥ 85% "
             "of the measured copy bandwidth on GPT-2-1.3B shapes; bf16-state fused no slower than torch fused "
             "AdamW fp32) are unverified until `python tools/bench_step.py --device cuda` runs on a GPU.",
 }
@@ -955,6 +973,7 @@ def main(argv=None) -> List[Row]:
     s.compile_budget = args.compile_budget
     copy_mib = args.copy_mib or (1024 if on_gpu else 256)
 
+    run_versions = versions()  # at the start: the code that runs, not HEAD when the run ends
     load_before = os.getloadavg()
     print(f"bench_step: {device_name(device)}; torch {torch.__version__}, {torch.get_num_threads()} threads; "
           f"load {load_before[0]:.2f}")
@@ -982,7 +1001,7 @@ def main(argv=None) -> List[Row]:
     info = RunInfo(
         device=device_name(device), device_type=device.type,
         date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        versions=versions(), threads=torch.get_num_threads(), load_before=load_before, load_after=load_after,
+        versions=run_versions, threads=torch.get_num_threads(), load_before=load_before, load_after=load_after,
         copy_gbps=floor.gbps, floor_detail=floor.describe(),
         command="python tools/bench_step.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         settings=f"{s.rounds} round(s), each with {s.warmup} warm-up steps; up to {s.repeats} timed steps "
