@@ -18,6 +18,10 @@ from .fused import fused_group_step
 _STATE_DTYPES = (None, torch.float32, torch.bfloat16, torch.float16)
 # Group keys that choose an execution path; load_state_dict keeps the current ones.
 _IMPL_KEYS = ("foreach", "fused", "state_dtype", "capturable")
+# Options that only the fused kernels implement (their "off" values are None/False).
+_FUSED_ONLY = ("state_dtype", "capturable", "skip_nonfinite")
+# Options that act on all groups together, so they are set once per optimizer.
+_GLOBAL_KEYS = ("max_grad_norm", "skip_nonfinite")
 
 STATE_KEYS = ("exp_avg", "exp_avg_sq", "exp_avg_diff", "neg_pre_grad")
 # Keys of the moment buffers: without them a checkpoint cannot be resumed.
@@ -103,6 +107,12 @@ class Adan(Optimizer):
             parameters); ``None``: the parameter's dtype.  Math stays fp32.
         capturable: fused path only: keep the step count on the device so
             ``step()`` can be captured in a CUDA graph (see ``adan_plugin.fused``).
+        skip_nonfinite: fused path only: when any gradient holds NaN or Inf,
+            skip the whole step on the device (parameters, states and step
+            count untouched), as GradScaler does for an overflow, and count it
+            in ``opt.skipped_steps`` (a device tensor; read it when you log).
+            Without it, as in ``torch.optim``, a non-finite gradient reaches the
+            parameters; checking on the host would cost a sync per step.
 
     With the fused kernels ``torch.amp.GradScaler.step()`` hands the loss
     scale and ``found_inf`` to ``step()`` (``_step_supports_amp_scaling``):
@@ -127,11 +137,13 @@ class Adan(Optimizer):
         clip_process_group=None,
         state_dtype: Optional[torch.dtype] = None,
         capturable: bool = False,
+        skip_nonfinite: bool = False,
     ):
         defaults = dict(
             lr=lr, betas=tuple(betas) if isinstance(betas, list) else betas, eps=eps,
             weight_decay=weight_decay, max_grad_norm=max_grad_norm, no_prox=no_prox,
             caution=caution, foreach=foreach, fused=fused, state_dtype=state_dtype, capturable=capturable,
+            skip_nonfinite=skip_nonfinite,
         )
         _check_hparams(defaults)
         if fused and foreach:
@@ -140,6 +152,7 @@ class Adan(Optimizer):
         # An attribute, not a group key: a ProcessGroup cannot go into a
         # state_dict, and the norm spans all groups anyway.
         self.clip_process_group = clip_process_group
+        self.skipped_steps: Optional[Tensor] = None
         if not isinstance(params, Tensor):  # a lone tensor gets torch's own TypeError below
             params = list(params)
             check_groups_picklable([g for g in params if isinstance(g, dict)])
@@ -151,11 +164,12 @@ class Adan(Optimizer):
         group = self.param_groups[-1]
         try:
             _check_hparams(group)
-            if group["max_grad_norm"] != self.defaults["max_grad_norm"]:
-                raise ValueError(
-                    "Adan: max_grad_norm clips the norm over all groups together, so it is set once "
-                    f"for the optimizer (got {group['max_grad_norm']!r} in a group, "
-                    f"{self.defaults['max_grad_norm']!r} for the optimizer)")
+            for key in _GLOBAL_KEYS:
+                if group[key] != self.defaults[key]:
+                    raise ValueError(
+                        f"Adan: {key} acts on the gradients of all groups together, so it is set once "
+                        f"for the optimizer (got {group[key]!r} in a group, "
+                        f"{self.defaults[key]!r} for the optimizer)")
             self._check_fused_options(group)
             if self._needs_fused(group):
                 self._check_fused_possible(group)
@@ -168,26 +182,25 @@ class Adan(Optimizer):
         """Options only the fused kernels implement, and the one they do not."""
         if group["state_dtype"] not in _STATE_DTYPES:
             raise ValueError(f"Adan: state_dtype must be one of {_STATE_DTYPES}, got {group['state_dtype']!r}")
-        if group["fused"] is False and (group["state_dtype"] is not None or group["capturable"]):
-            raise ValueError("Adan: state_dtype and capturable need the fused kernels; they cannot be "
-                             "combined with fused=False")
-        if group["foreach"] and (group["state_dtype"] is not None or group["capturable"]):
-            raise ValueError("Adan: state_dtype and capturable need the fused kernels; they cannot be "
-                             "combined with foreach=True")
-        if (group["fused"] or group["state_dtype"] is not None or group["capturable"]) and group["caution"]:
+        fused_only = [k for k in _FUSED_ONLY if group[k] not in (None, False)]
+        for key, value in (("fused", False), ("foreach", True)):
+            if fused_only and group[key] is value:
+                raise ValueError(f"Adan: {', '.join(fused_only)} need the fused kernels; they cannot be "
+                                 f"combined with {key}={value}")
+        if (group["fused"] or fused_only) and group["caution"]:
             raise ValueError("Adan: the fused kernels do not implement caution=True (its per-tensor "
                              "mask mean needs a second pass); use fused=None or fused=False")
 
     @staticmethod
     def _needs_fused(group: Dict[str, Any]) -> bool:
-        return bool(group["fused"]) or (group["fused"] is None and (
-            group["state_dtype"] is not None or bool(group["capturable"])))
+        return bool(group["fused"]) or (group["fused"] is None and any(
+            group[k] not in (None, False) for k in _FUSED_ONLY))
 
     def _uses_fused(self, group: Dict[str, Any]) -> bool:
         """Whether ``group`` steps with the fused kernels (decided on all its parameters)."""
         if group["fused"] is not None:
             return bool(group["fused"])
-        if self._needs_fused(group):  # state_dtype / capturable: fused or a clear error
+        if self._needs_fused(group):  # a fused-only option: fused or a clear error
             return True
         if group["foreach"] or group["caution"]:
             return False
@@ -217,8 +230,9 @@ class Adan(Optimizer):
     def __setstate__(self, state: Dict[str, Any]) -> None:
         super().__setstate__(state)
         self.__dict__.setdefault("clip_process_group", None)
+        self.__dict__.setdefault("skipped_steps", None)
         for group in self.param_groups:
-            for key in ("max_grad_norm", "no_prox", "caution", "foreach", "fused", "state_dtype", "capturable"):
+            for key in ("max_grad_norm", "no_prox", "caution", "foreach", "fused") + _FUSED_ONLY:
                 group.setdefault(key, self.defaults.get(key))
         # mmpretrain's Adan keeps the previous gradient itself ('pre_grad');
         # ours, like the official and timm versions, keeps its negation.
@@ -362,7 +376,8 @@ class Adan(Optimizer):
         grad_scale = getattr(self, "grad_scale", None)
         found_inf = getattr(self, "found_inf", None)
         grad_coef = None
-        if self.defaults["max_grad_norm"] > 0:
+        clip, skip = self.defaults["max_grad_norm"] > 0, self.defaults.get("skip_nonfinite")
+        if clip or skip:
             all_grads = [g for _, grads in gathered for g in grads]
             clip_group = resolve_process_group(self.clip_process_group)
             # Under a sharded optimizer every rank joins the all-reduce, also one without gradients.
@@ -371,7 +386,17 @@ class Adan(Optimizer):
                 if grad_scale is not None:
                     # Clip the unscaled gradients: ||g / s||^2 = ||g||^2 / s^2.
                     sq_norm = sq_norm / grad_scale.to(sq_norm.device, torch.float32, non_blocking=True).square()
-                grad_coef = clip_coefficient(sq_norm, self.defaults["max_grad_norm"], self.defaults["eps"])
+                if clip:
+                    grad_coef = clip_coefficient(sq_norm, self.defaults["max_grad_norm"], self.defaults["eps"])
+                if skip:
+                    # A NaN or Inf anywhere makes the squared norm non-finite:
+                    # skip the step the way GradScaler's found_inf does.
+                    nonfinite = (~torch.isfinite(sq_norm)).to(torch.float32)
+                    if self.skipped_steps is None:
+                        self.skipped_steps = torch.zeros((), dtype=torch.float32, device=sq_norm.device)
+                    self.skipped_steps.add_(nonfinite)
+                    found_inf = nonfinite if found_inf is None else torch.maximum(
+                        found_inf.to(nonfinite.device, torch.float32, non_blocking=True), nonfinite)
 
         for group, (params, grads) in zip(self.param_groups, gathered):
             if self._uses_fused(group):
