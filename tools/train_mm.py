@@ -118,6 +118,13 @@ def main() -> None:
     runner = Runner.from_cfg(cfg) if "runner_type" not in cfg else RUNNERS.build(cfg)
     with mmengine_safe_globals():
         runner.train()
+    # mmengine leaves the process group alive; a gloo group torn down by the
+    # interpreter's exit can abort a rank after training finished ("terminate
+    # called without an active exception"), failing the whole torchrun job.
+    import torch.distributed as dist
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":
