@@ -78,7 +78,10 @@ def _extensions():
     if os.environ.get("ADAN_NO_CUDA", "0") == "1":
         with_cuda = False
     sources = [os.path.join(CSRC, f) for f in ("adan_ops.cpp", "adan_cpu.cpp", "adan_cpu_avx2.cpp")]
-    cxx = ["-O3", "-std=c++20", "-Wno-unknown-pragmas", "-Wno-psabi"]
+    # -fopenmp: at::parallel_for is inline and runs serially unless the
+    # extension itself is compiled with OpenMP (torch's CPU build uses it).
+    # GOMP symbols then resolve against the libgomp that libtorch_cpu loads.
+    cxx = ["-O3", "-std=c++20", "-fopenmp", "-Wno-unknown-pragmas", "-Wno-psabi"]
     include_dirs = [os.path.join(HERE, CSRC)]
     if with_cuda:
         if "TORCH_CUDA_ARCH_LIST" not in os.environ and not torch.cuda.is_available():

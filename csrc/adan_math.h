@@ -18,10 +18,10 @@ struct AdanCoeffs {
   float w1, w2, w3;       // 1 - beta_i, rounded once as torch's lerp_/addcmul_ see them
   float step_size;        // lr / (1 - beta1^k)
   float step_size_diff;   // lr * beta2 / (1 - beta2^k)
-  float bc3_sqrt;         // sqrt(1 - beta3^k)
+  float inv_bc3_sqrt;     // 1 / sqrt(1 - beta3^k)
   float eps;
   float decay_mul;        // 1 - lr*wd when no_prox, else 1 (exact no-op)
-  float decay_div;        // 1 + lr*wd for the proximal step, else 1 (exact no-op)
+  float inv_decay_div;    // 1 / (1 + lr*wd) for the proximal step, else 1 (exact no-op)
   float grad_mul;         // clip coefficient / AMP grad scale (1 when neither)
 };
 
@@ -43,11 +43,11 @@ C10_HOST_DEVICE inline AdanCoeffs adan_coeffs(const AdanHyper& h, double step, f
   const double bc2 = 1.0 - ::pow(h.beta2, step);
   c.step_size = static_cast<float>(h.lr / bc1);
   c.step_size_diff = static_cast<float>(h.lr * h.beta2 / bc2);
-  c.bc3_sqrt = static_cast<float>(::sqrt(1.0 - ::pow(h.beta3, step)));
+  c.inv_bc3_sqrt = static_cast<float>(1.0 / ::sqrt(1.0 - ::pow(h.beta3, step)));
   c.eps = static_cast<float>(h.eps);
   const bool decay = h.weight_decay != 0.0;
   c.decay_mul = (decay && h.no_prox) ? static_cast<float>(1.0 - h.lr * h.weight_decay) : 1.0f;
-  c.decay_div = (decay && !h.no_prox) ? static_cast<float>(1.0 + h.lr * h.weight_decay) : 1.0f;
+  c.inv_decay_div = (decay && !h.no_prox) ? static_cast<float>(1.0 / (1.0 + h.lr * h.weight_decay)) : 1.0f;
   c.grad_mul = grad_mul;
   return c;
 }
@@ -62,7 +62,10 @@ C10_HOST_DEVICE C10_ALWAYS_INLINE T adan_lerp(const T& start, const T& end, floa
 
 // One Adan step.  `neg` holds -g_prev on entry and -g on exit; `first` makes
 // the gradient difference zero (a parameter's first step, Algorithm 1).
-// The raw gradient is only read.
+// The raw gradient is only read.  On a CPU core the step is bound by the
+// divider, not by memory, so the two momentum terms share one division and
+// the bias correction and proximal decay are multiplications by reciprocals
+// computed once per call in double.
 template <typename T>
 C10_HOST_DEVICE C10_ALWAYS_INLINE void adan_update(T& p, const T& g_raw, T& m, T& n, T& d, T& neg,
                                                    const AdanCoeffs& c, bool first) {
@@ -72,11 +75,10 @@ C10_HOST_DEVICE C10_ALWAYS_INLINE void adan_update(T& p, const T& g_raw, T& m, T
   d = adan_lerp(d, diff, c.w2);
   const T u = diff * T(c.beta2) + g;
   n = n * T(c.beta3) + T(c.w3) * (u * u);
-  const T denom = adan_sqrt(n) / T(c.bc3_sqrt) + T(c.eps);
+  const T denom = adan_sqrt(n) * T(c.inv_bc3_sqrt) + T(c.eps);
   p = p * T(c.decay_mul);
-  p = p - T(c.step_size) * (m / denom);
-  p = p - T(c.step_size_diff) * (d / denom);
-  p = p / T(c.decay_div);
+  p = p - (T(c.step_size) * m + T(c.step_size_diff) * d) / denom;
+  p = p * T(c.inv_decay_div);
   neg = T(0.0f) - g;
 }
 
