@@ -34,7 +34,8 @@ def _local_sq_norm(tensors: List[Tensor], device: torch.device) -> Tensor:
         # fp32 accumulation, so that fp16/bf16 gradients do not overflow.
         norms = torch._foreach_norm(dev_tensors, 2, dtype=torch.float32)
         part = torch.linalg.vector_norm(torch.stack(norms)).square()
-        total = total + part.to(device, non_blocking=True)
+        # A non-blocking copy into host memory could be read before it lands.
+        total = total + part.to(device, non_blocking=device.type != "cpu")
     return total
 
 
