@@ -1,0 +1,159 @@
+"""docs/benchmarks.md: its header, one section per device type (rewritten in place), and the bar chart."""
+from __future__ import annotations
+
+import os
+from typing import Optional, Sequence
+
+from bench.report import RunInfo
+from bench.run import Row
+
+
+HEADER = """# Optimizer-step benchmarks
+
+Produced by `tools/bench_step.py`; every number on this page comes from one run of it, on the device named
+in that run's section.  Re-run it to refresh a section (the other device's section is kept).
+
+## What is measured
+
+- **ms/step**: median over the timed steps of one `optimizer.step()` on parameters with the shapes of the
+  named model (one tensor per parameter, fp32, random values, fixed random gradients), after warm-up steps
+  (states allocated, `torch.compile` done).  CPU: `time.perf_counter` around each step; CUDA: CUDA events.
+  Every variant runs on its own copy of the parameters.  On the CPU the variants are timed round-robin in
+  three rounds (each round builds the optimizer afresh and warms it up; a compiled step is compiled once),
+  so that load from other processes on a shared machine spreads over all variants; the median is over the
+  steps of all rounds and min–max shows the spread.
+- **B/param**: the bytes one step must move at least, divided by the parameter count:
+  `Σ_p [2·|p| + |g| + 2·Σ_{s ∈ state[p]} |s|]`, where `|t|` = numel × element size: each parameter
+  is read and written, its gradient read, and each state tensor read and written.  It is counted from the
+  tensors the optimizer actually holds after its steps, so for fp32 parameters:
+  - Adan, fp32 state (ours, timm, mmpretrain): 4 + 4 (p) + 4 (g) + 2 × 4 × 4 (exp_avg, exp_avg_sq,
+    exp_avg_diff, neg_pre_grad / pre_grad) = **44 B**;
+  - ours fused, bf16 state: 8 + 4 + 2 × 4 × 2 = **28 B**;
+  - AdamW: 8 + 4 + 2 × 2 × 4 = **28 B**, plus 8 B per parameter *tensor* for its fp32 `step` tensor
+    (shown as the fraction above 28).
+  Unfused implementations move more than this (extra passes, temporaries); the column is what the
+  algorithm needs, the same for every implementation of it, so GB/s compares implementations.
+- **GB/s**: B/param × parameters / median step time ("effective bandwidth").
+- **% of floor**: GB/s divided by the streaming bandwidth floor measured on the same device in the same run,
+  timed the same way: the fastest of `dst.copy_(src)` (2 × size moved) and in-place `a.add_(b)` (3 × size)
+  on large fp32 tensors, measured at the start, once per model and round, and at the end (the fastest
+  measurement counts, so load from other processes lowers rather than flatters the percentages).  On a CPU
+  the in-place add is the faster one: a copy's write-only destination costs an extra read for ownership
+  that the optimizers' in-place updates do not pay.  A step that moved its bytes as fast as that would
+  reach 100%; an unfused step whose per-tensor passes stay in cache can exceed it on small tensors.
+- **state MiB**: the optimizer state tensors.  **peak MiB beyond states**: memory one step allocates on top
+  of parameters, gradients and states, i.e. its temporaries.  CUDA: `torch.cuda.max_memory_allocated()`
+  during the step minus `memory_allocated()` before it.  CPU: the process's resident-set high-water mark
+  (`VmHWM`, reset through `/proc/self/clear_refs` just before the step) minus its resident set before the
+  step, measured after all timings with glibc told to give every allocation of 64 KiB or more its own
+  `mmap` and to return freed memory immediately (`mallopt`, `malloc_trim`), so a temporary shows up as
+  resident memory instead of silently reusing already-resident heap pages.  Allocations under 64 KiB can
+  escape it.  mmpretrain's Adan keeps a fresh copy of every gradient each step, which shows up here.
+- Hyper-parameters: Adan lr 1e-3, betas (0.98, 0.92, 0.99), eps 1e-8, weight decay 0.02, proximal decay,
+  no gradient clipping (timm's Adan has none); AdamW lr 1e-3, weight decay 0.02.
+
+## Variants
+
+| variant | what |
+|---|---|
+| ours fused (fp32 / bf16 state) | `adan_plugin.Adan(fused=True)` / `Adan(fused=True, state_dtype=torch.bfloat16)`: one pass over memory in `adan_plugin._C` |
+| ours foreach / single-tensor | `Adan(foreach=True / False, fused=False)`: `torch._foreach_*` ops / a loop of per-tensor ops |
+| ours foreach, torch.compile | `torch.compile(opt.step)` on `Adan(foreach=True, fused=False)`; compile time shown, not timed |
+| timm Adan foreach / single-tensor | `timm.optim.Adan(foreach=True / False)` |
+| mmpretrain Adan | `mmpretrain.engine.optimizers.Adan` with its default `foreach=True` |
+| torch AdamW fused / foreach | `torch.optim.AdamW(fused=True)` / `(foreach=True)` |
+
+Models: parameter shapes of timm `resnet50`, `vit_base_patch16_224`, `convnext_tiny` (built with
+`pretrained=False` on the meta device), and GPT-2 as in the table of the official Adan fused-kernel README:
+24 layers, width 1536 or 2048, vocabulary 49280, sequence length 2048 (token embedding tied to the output
+head, position embedding of 2048 rows; per layer two LayerNorms, qkv, attention projection, fc (4× width),
+fc2, each Linear with a bias; a final LayerNorm).  GPT-2 runs on a GPU by default: with ~0.76 B / 1.3 B
+parameters its Adan state alone is 12 / 21 GB in fp32, more than a shared 24 GiB CPU machine can hold for
+every variant (`--models gpt2-1536` on a CPU runs it if memory allows, otherwise its rows say why not).
+On the CPU the `torch.compile` variant runs on ResNet-50 shapes only by default (`--compile-models`):
+compiling takes minutes on two cores.  Our step count is a Python int, so dynamo compiles three graphs
+(first step, second step, then a dynamic step count) before the step settles; the tool warms up until a
+step compiles nothing new.
+
+Reading CPU numbers from a shared machine: torch runs each op with its intra-op thread pool, and an op
+split over two threads waits for both.  When other processes keep the cores busy, every parallel region
+can wait a scheduler time slice for its second thread (seen here: `sqrt` of a 4096-element tensor took
+about 10 ms with two threads under load, 2 µs with one), so implementations that issue many ops per step
+(single-tensor and foreach paths: over a thousand on these models) slow down far more than a one-pass
+kernel (ours fused: one parallel region per step).  Each run states its load average; compare ratios within a run only.
+"""
+
+SECTION_BEGIN = "<!-- bench_step:{kind}:begin -->"
+SECTION_END = "<!-- bench_step:{kind}:end -->"
+PLACEHOLDER = {
+    "cpu": "### Run: CPU\n\nNo CPU run recorded yet.",
+    "cuda": "### Run: CUDA\n\nNo GPU run recorded (the machine these results come from has no GPU): no GPU "
+            "number is claimed. The GPU targets (ours fused ≥ 85% "
+            "of the measured copy bandwidth on GPT-2-1.3B shapes; bf16-state fused no slower than torch fused "
+            "AdamW fp32) are unverified until `python tools/bench_step.py --device cuda` runs on a GPU.",
+}
+
+
+def _extract(text: str, kind: str) -> Optional[str]:
+    begin, end = SECTION_BEGIN.format(kind=kind), SECTION_END.format(kind=kind)
+    i, j = text.find(begin), text.find(end)
+    if i < 0 or j < i:
+        return None
+    return text[i + len(begin):j].strip("\n")
+
+
+def write_doc(path: str, kind: str, body: str) -> None:
+    """Rewrite ``path``: the header, then one section per device type; only ``kind``'s changes."""
+    old = ""
+    if os.path.exists(path):
+        with open(path) as f:
+            old = f.read()
+    sections = {k: (_extract(old, k) or PLACEHOLDER[k]) for k in ("cpu", "cuda")}
+    sections[kind] = body
+    parts = [HEADER, "## Results"]
+    for k in ("cpu", "cuda"):
+        parts += [SECTION_BEGIN.format(kind=k), sections[k], SECTION_END.format(kind=k)]
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.write("\n\n".join(parts) + "\n")
+    os.replace(tmp, path)
+
+
+def write_chart(path: str, rows: Sequence[Row], info: RunInfo) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    models = list(dict.fromkeys(r.model for r in rows))
+    fig, axes = plt.subplots(1, len(models), figsize=(4.2 * len(models) + 1.5, 4.5), squeeze=False)
+    for ax, model in zip(axes[0], models):
+        mrows = [r for r in rows if r.model == model]
+        labels = [r.label for r in mrows]
+        values = [r.ms if r.ms is not None else 0.0 for r in mrows]
+        colors = ["tab:red" if r.variant.startswith("ours") else
+                  "tab:gray" if r.variant.startswith("adamw") else "tab:blue" for r in mrows]
+        y = range(len(mrows))
+        ax.barh(y, values, color=colors)
+        ax.set_yticks(list(y))
+        ax.set_yticklabels(labels if ax is axes[0][0] else [""] * len(labels), fontsize=8)
+        ax.invert_yaxis()
+        ax.set_xscale("log")
+        ax.set_title(model, fontsize=10)
+        ax.set_xlabel("ms/step (log), lower is better", fontsize=8)
+        top = max([v for v in values if v > 0], default=1.0)
+        for yi, r in zip(y, mrows):
+            if r.ms is None:
+                ax.text(ax.get_xlim()[0] if r.reason else 0, yi, " n/a", va="center", fontsize=7)
+            else:
+                pct = 100 * r.gbps() / info.copy_gbps
+                ax.text(r.ms, yi, f" {r.ms:.1f} ({pct:.0f}%)", va="center", fontsize=7)
+        ax.set_xlim(right=top * 8)
+    fig.suptitle(f"optimizer.step(), {info.device_type.upper()}: {info.device}, {info.date}\n"
+                 f"(%: effective bandwidth as a share of the bandwidth floor, {info.copy_gbps:.1f} GB/s)",
+                 fontsize=9)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

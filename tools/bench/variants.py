@@ -1,0 +1,111 @@
+"""The optimizer variants timed (ours, timm's, mmpretrain's Adan, torch AdamW) and the bytes a step moves."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Dict, List
+
+import torch
+
+# Hyper-parameters of every Adan variant (no clipping: timm's Adan has none, and clipping would time a
+# norm reduction rather than the update) and of AdamW.
+ADAN_HP = dict(lr=1e-3, betas=(0.98, 0.92, 0.99), eps=1e-8, weight_decay=0.02)
+ADAMW_HP = dict(lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.02)
+
+
+# ----------------------------------------------------------------------------------------- variants
+class Unavailable(Exception):
+    """A variant cannot run here; the message is the reason shown in the table."""
+
+
+@dataclass(frozen=True)
+class Variant:
+    name: str
+    label: str
+    make: Callable[[List[torch.Tensor]], torch.optim.Optimizer]
+    compiled: bool = False
+
+
+def _ours(**kw):
+    def make(params):
+        from adan_plugin import Adan
+        from adan_plugin import _ext
+
+        if kw.get("fused"):
+            if not _ext.extension_loaded():
+                raise Unavailable(f"extension not built: {_ext.load_error()}")
+            if not _ext.fused_supported(params[0].device):
+                raise Unavailable(f"fused kernels not built for {params[0].device.type}")
+        try:
+            return Adan(params, **ADAN_HP, **kw)
+        except TypeError as err:  # e.g. state_dtype not (yet) an option
+            raise Unavailable(f"Adan does not accept {sorted(kw)}: {err}") from err
+    return make
+
+
+def _timm(foreach: bool):
+    def make(params):
+        try:
+            from timm.optim.adan import Adan as TimmAdan
+        except ImportError as err:
+            raise Unavailable(f"timm not installed: {err}") from err
+        return TimmAdan(params, **ADAN_HP, foreach=foreach)
+    return make
+
+
+def _mmpretrain(params):
+    try:
+        from mmpretrain.engine.optimizers.adan_t import Adan as MMAdan
+    except ImportError as err:
+        raise Unavailable(f"mmpretrain not installed: {err}") from err
+    return MMAdan(params, **ADAN_HP)  # its default foreach=True
+
+
+def _adamw(**kw):
+    def make(params):
+        try:
+            return torch.optim.AdamW(params, **ADAMW_HP, **kw)
+        except (RuntimeError, ValueError) as err:
+            raise Unavailable(str(err)) from err
+    return make
+
+
+VARIANTS: Dict[str, Variant] = {v.name: v for v in [
+    Variant("ours-fused", "ours fused (fp32 state)", _ours(fused=True)),
+    Variant("ours-fused-bf16", "ours fused (bf16 state)", _ours(fused=True, state_dtype=torch.bfloat16)),
+    Variant("ours-foreach", "ours foreach", _ours(fused=False, foreach=True)),
+    Variant("ours-single", "ours single-tensor", _ours(fused=False, foreach=False)),
+    Variant("ours-foreach-compiled", "ours foreach, torch.compile", _ours(fused=False, foreach=True),
+            compiled=True),
+    Variant("timm-foreach", "timm Adan foreach", _timm(True)),
+    Variant("timm-single", "timm Adan single-tensor", _timm(False)),
+    Variant("mmpretrain", "mmpretrain Adan (foreach)", _mmpretrain),
+    Variant("adamw-fused", "torch AdamW fused", _adamw(fused=True)),
+    Variant("adamw-foreach", "torch AdamW foreach", _adamw(foreach=True)),
+]}
+
+
+# ------------------------------------------------------------------------------- byte accounting
+def step_bytes(optimizer: torch.optim.Optimizer) -> int:
+    """Bytes one step must move at least: every parameter with a gradient is read and written, its
+    gradient read, and every tensor in its optimizer state read and written (Adan: exp_avg, exp_avg_sq,
+    exp_avg_diff, neg_pre_grad or mmpretrain's pre_grad; AdamW: exp_avg, exp_avg_sq and the step
+    tensor).  Counted from the tensors the optimizer holds after a step, so a bf16 state counts 2 bytes
+    per element, an fp32 step tensor 4 bytes per parameter tensor."""
+    total = 0
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            total += 2 * _nbytes(p) + _nbytes(p.grad)
+            for value in optimizer.state.get(p, {}).values():
+                if torch.is_tensor(value):
+                    total += 2 * _nbytes(value)
+    return total
+
+
+def state_bytes(optimizer: torch.optim.Optimizer) -> int:
+    return sum(_nbytes(v) for st in optimizer.state.values() for v in st.values() if torch.is_tensor(v))
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
