@@ -1,0 +1,254 @@
+"""Train a timm model with Adan from a zoo recipe (configs/timm/*.yaml) -- or launch timm's train.py.
+
+    python tools/train_timm.py --config configs/timm/vit-s_150-I.yaml --data-dir /data/imagenet
+    torchrun --nproc-per-node 8 tools/train_timm.py --config configs/timm/res50_100.yaml --data-dir ...
+    python tools/train_timm.py --config configs/timm/demo/digits_resnet10t.yaml     # embedded digits, CPU
+    python tools/train_timm.py --launch /path/to/timm/train.py --config configs/timm/res50_100.yaml ...
+
+The recipe YAMLs use timm train.py's argument names (the zoo's ``args_*.yaml``
+load unchanged); every key can be overridden on the command line
+(``--lr 0.01``, ``--opt-betas 0.98 0.92 0.99``, ``--max-grad-norm 5``,
+``--no-prox false``, ``--bias-decay true``).  Without ``--data-dir`` the
+embedded dataset is used: scikit-learn's digits written once as an
+ImageFolder in the cache folder.
+
+The output folder holds ``args.yaml``, ``summary.csv`` (epoch, train_loss,
+eval_loss, eval_top1, eval_top5, lr), ``summary.png`` and checkpoints
+(``last.pth.tar``, ``model_best.pth.tar``, ``checkpoint-<epoch>.pth.tar``)
+that load with ``torch.load(weights_only=True)``.  ``--resume <checkpoint>``
+continues a run, epoch numbering, schedule and RNG streams included.
+
+``--launch PATH`` runs an upstream timm ``train.py`` unmodified instead, with
+adan_plugin registered (``--opt adan`` is our Adan) and the Adan keys
+(``max_grad_norm``, ``no_prox``, ``bias_decay``, from ``--config`` or the
+command line) passed to the optimizer through ``--opt-kwargs``.
+"""
+from __future__ import annotations
+
+import argparse
+import difflib
+import os
+from typing import Any, Dict, Optional, Sequence
+
+import yaml
+
+
+class ConfigError(SystemExit):
+    """A user error: a message and exit status 2, no traceback."""
+
+    def __init__(self, message: str):
+        super().__init__(f"train_timm.py: error: {message}")
+
+
+# ------------------------------------------------------------------ arguments
+def _bool(value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true/false, got {value!r}")
+
+
+def _opt_float(value: str) -> Optional[float]:
+    return None if str(value).lower() in ("none", "null") else float(value)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+
+    def add(name, *aliases, **kw):
+        # dest is timm train.py's (and the YAML's) key: --opt-betas -> opt_betas
+        dest = name.lstrip("-").replace("-", "_")
+        if kw.get("type") is _bool:
+            kw.setdefault("nargs", "?")
+            kw.setdefault("const", True)
+        p.add_argument(name, *aliases, dest=dest, **kw)
+
+    add("--config", "-c", default="", help="recipe YAML (timm train.py argument names)")
+    p.add_argument("--launch", default="", metavar="TRAIN_PY",
+                   help="run this upstream timm train.py with adan_plugin registered; the remaining "
+                        "arguments go to it")
+    # data
+    add("--data-dir", default=None, help="dataset root; default: the embedded digits ImageFolder")
+    add("--dataset", default="")
+    add("--train-split", default="train")
+    add("--val-split", default="validation")
+    add("--class-map", default="")
+    # model
+    add("--model", default="resnet50")
+    add("--pretrained", type=_bool, default=False)
+    add("--initial-checkpoint", default="")
+    add("--resume", default="", help="checkpoint to continue from (last.pth.tar)")
+    add("--no-resume-opt", type=_bool, default=False)
+    add("--num-classes", type=int, default=None)
+    add("--gp", default=None)
+    add("--img-size", type=int, default=None)
+    add("--in-chans", type=int, default=None)
+    add("--input-size", type=int, nargs=3, default=None)
+    add("--crop-pct", type=_opt_float, default=None)
+    add("--mean", type=float, nargs="+", default=None)
+    add("--std", type=float, nargs="+", default=None)
+    add("--interpolation", default="")
+    add("--batch-size", "-b", type=int, default=128, help="per process")
+    add("--validation-batch-size", type=int, default=None)
+    add("--grad-accum-steps", type=int, default=1,
+        help="accumulate gradients over N batches (keeps a recipe's global batch on fewer GPUs)")
+    add("--channels-last", type=_bool, default=False)
+    add("--grad-checkpointing", type=_bool, default=False)
+    # optimizer
+    add("--opt", default="sgd")
+    add("--opt-eps", type=_opt_float, default=None)
+    add("--opt-betas", type=float, nargs="+", default=None)
+    add("--momentum", type=float, default=0.9)
+    add("--weight-decay", type=float, default=2e-5)
+    add("--clip-grad", type=_opt_float, default=None, help="timm's clipping (separate from Adan's max_grad_norm)")
+    add("--clip-mode", default="norm")
+    add("--layer-decay", type=_opt_float, default=None)
+    add("--max-grad-norm", type=float, default=0.0, help="Adan: global gradient-norm clip (0 = off)")
+    add("--no-prox", type=_bool, default=False, help="Adan: decoupled instead of proximal weight decay")
+    add("--bias-decay", type=_bool, default=False,
+        help="weight decay on every parameter, 1-d ones (biases, norms) included")
+    from timm.utils import ParseKwargs
+    add("--opt-kwargs", nargs="*", default={}, action=ParseKwargs, help="extra optimizer arguments k=v")
+    # schedule
+    add("--sched", default="cosine")
+    add("--sched-on-updates", type=_bool, default=False)
+    add("--lr", type=float, default=None)
+    add("--lr-noise", type=float, nargs="+", default=None)
+    add("--lr-noise-pct", type=float, default=0.67)
+    add("--lr-noise-std", type=float, default=1.0)
+    add("--lr-cycle-mul", type=float, default=1.0)
+    add("--lr-cycle-decay", type=float, default=0.5)
+    add("--lr-cycle-limit", type=int, default=1)
+    add("--lr-k-decay", type=float, default=1.0)
+    add("--warmup-lr", type=float, default=1e-5)
+    add("--min-lr", type=float, default=0.0)
+    add("--epochs", type=int, default=300)
+    add("--epoch-repeats", type=float, default=0.0)
+    add("--start-epoch", type=int, default=None)
+    add("--decay-milestones", type=int, nargs="+", default=[90, 180, 270])
+    add("--decay-epochs", type=float, default=90)
+    add("--warmup-epochs", type=float, default=5)
+    add("--warmup-prefix", type=_bool, default=False)
+    add("--cooldown-epochs", type=int, default=0)
+    add("--patience-epochs", type=int, default=10)
+    add("--decay-rate", type=float, default=0.1)
+    # augmentation and regularization
+    add("--no-aug", type=_bool, default=False)
+    add("--scale", type=float, nargs=2, default=[0.08, 1.0])
+    add("--ratio", type=float, nargs=2, default=[3.0 / 4.0, 4.0 / 3.0])
+    add("--hflip", type=float, default=0.5)
+    add("--vflip", type=float, default=0.0)
+    add("--color-jitter", type=_opt_float, default=0.4)
+    add("--aa", default=None, help="auto-augment policy, e.g. rand-m9-mstd0.5-inc1 (RandAugment)")
+    add("--aug-repeats", type=float, default=0, help="repeated augmentation (distributed runs only)")
+    add("--aug-splits", type=int, default=0)
+    add("--jsd-loss", type=_bool, default=False)
+    add("--bce-loss", type=_bool, default=False)
+    add("--bce-target-thresh", type=_opt_float, default=None)
+    add("--reprob", type=float, default=0.0)
+    add("--remode", default="pixel")
+    add("--recount", type=int, default=1)
+    add("--resplit", type=_bool, default=False)
+    add("--mixup", type=float, default=0.0)
+    add("--cutmix", type=float, default=0.0)
+    add("--cutmix-minmax", type=float, nargs="+", default=None)
+    add("--mixup-prob", type=float, default=1.0)
+    add("--mixup-switch-prob", type=float, default=0.5)
+    add("--mixup-mode", default="batch")
+    add("--mixup-off-epoch", type=int, default=0)
+    add("--smoothing", type=float, default=0.1)
+    add("--train-interpolation", default="random")
+    add("--drop", type=float, default=0.0)
+    add("--drop-connect", type=_opt_float, default=None)
+    add("--drop-path", type=_opt_float, default=None)
+    add("--drop-block", type=_opt_float, default=None)
+    # batch norm
+    add("--bn-momentum", type=_opt_float, default=None)
+    add("--bn-eps", type=_opt_float, default=None)
+    add("--sync-bn", type=_bool, default=False)
+    add("--dist-bn", default="reduce")
+    add("--split-bn", type=_bool, default=False)
+    # EMA
+    add("--model-ema", type=_bool, default=False)
+    add("--model-ema-force-cpu", type=_bool, default=False)
+    add("--model-ema-decay", type=float, default=0.9998)
+    # misc
+    add("--seed", type=int, default=42)
+    add("--log-interval", type=int, default=50)
+    add("--checkpoint-hist", type=int, default=10)
+    add("--workers", "-j", type=int, default=4)
+    add("--amp", type=_bool, default=False, help="mixed precision: float16 on CUDA, bfloat16 on CPU")
+    add("--amp-dtype", default="float16")
+    add("--no-prefetcher", type=_bool, default=False)
+    add("--pin-mem", type=_bool, default=False)
+    add("--output", default="", help="output folder (default ./output/train/<experiment>)")
+    add("--experiment", default="")
+    add("--eval-metric", default="top1")
+    add("--device", default="", help="default: cuda when available, else cpu")
+    add("--use-multi-epochs-loader", type=_bool, default=False)
+    add("--plot", type=_bool, default=True, help="write summary.png at the end")
+    add("--compare-adamw", type=_bool, default=False,
+        help="after the run, train the same recipe with AdamW (--adamw-lr / --adamw-weight-decay) "
+             "into <output>/adamw and plot both curves")
+    add("--adamw-lr", type=float, default=None,
+        help="AdamW lr for --compare-adamw; default: this run's lr / 5 (the translation helper's ratio)")
+    add("--adamw-weight-decay", type=float, default=0.05)
+    return p
+
+
+# Recipe keys accepted from a YAML but not acted on: bookkeeping of the zoo's
+# timm version, or features with no effect here.  Keys whose non-default
+# value would change the training are in _MUST_BE_OFF and refused if set.
+# A recipe's ``resume`` is the state of one machine, not part of the recipe.
+_IGNORED_KEYS = {
+    "local_rank", "opt_debug", "configure", "save_images", "recovery_interval", "log_wandb",
+    "native_amp", "tta", "resume",
+}
+_MUST_BE_OFF = {
+    "jsd_loss": False, "aug_splits": 0, "split_bn": False, "torchscript": False, "apex_amp": False,
+    "drop_connect": None, "epoch_repeats": 0.0, "bn_tf": False, "resplit": False,
+}
+
+
+def load_config(path: str, parser: argparse.ArgumentParser) -> Dict[str, Any]:
+    if not os.path.isfile(path):
+        raise ConfigError(f"config file {path!r} does not exist")
+    try:
+        with open(path) as f:
+            cfg = yaml.safe_load(f)
+    except yaml.YAMLError as err:
+        raise ConfigError(f"config {path!r} is not valid YAML: {err}") from None
+    if cfg is None:
+        cfg = {}
+    if not isinstance(cfg, dict):
+        raise ConfigError(f"config {path!r} must be a mapping of argument names to values, "
+                          f"got a {type(cfg).__name__}")
+    known = {a.dest for a in parser._actions}
+    unknown = sorted(k for k in cfg if k not in known and k not in _IGNORED_KEYS and k not in _MUST_BE_OFF)
+    if unknown:
+        hints = [f"{k} (did you mean {m[0]}?)" if (m := difflib.get_close_matches(k, known, 1)) else k
+                 for k in unknown]
+        raise ConfigError(f"config {path!r} has unknown keys: {', '.join(hints)}")
+    return cfg
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    parser = build_parser()
+    pre, _ = parser.parse_known_args(argv)
+    if pre.config:
+        cfg = load_config(pre.config, parser)
+        # Keys the trainer does not act on keep only documentary value; the
+        # ones that would change training must be off.
+        for key, off in _MUST_BE_OFF.items():
+            if key in cfg and cfg[key] != off and not (off in (0, 0.0, None, False) and not cfg[key]):
+                raise ConfigError(f"config {pre.config!r}: {key}={cfg[key]!r} is not supported by this "
+                                  f"trainer (it must be {off!r}); use --launch with timm's train.py")
+        parser.set_defaults(**{k: v for k, v in cfg.items() if k not in _IGNORED_KEYS and k not in _MUST_BE_OFF})
+    args = parser.parse_args(argv)
+    if args.opt_betas is not None:
+        args.opt_betas = [float(b) for b in args.opt_betas]
+    return args
