@@ -43,6 +43,12 @@ def _register_fake() -> None:
         return None
 
 
+def require_extension() -> None:
+    """Raise ``RuntimeError`` with the build hint when the kernels are not built."""
+    if not extension_loaded():
+        raise RuntimeError(f"Adan(fused=True): {BUILD_HINT} (import error: {_load_error})")
+
+
 def load_error() -> Optional[BaseException]:
     extension_loaded()
     return _load_error

@@ -12,7 +12,7 @@ from . import _ext
 from .clip import clip_coefficient, grad_sq_norm
 from .distributed import (any_sharded, check_grad_layout, check_groups_picklable, check_process_group_spec,
                           local_tensors, resolve_process_group)
-from .functional import _multi_tensor_adan, _single_tensor_adan
+from .functional import MOMENT_KEYS, STATE_KEYS, _multi_tensor_adan, _single_tensor_adan
 from .fused import fused_group_step
 
 _STATE_DTYPES = (None, torch.float32, torch.bfloat16, torch.float16)
@@ -23,9 +23,6 @@ _FUSED_ONLY = ("state_dtype", "capturable", "skip_nonfinite")
 # Options that act on all groups together, so they are set once per optimizer.
 _GLOBAL_KEYS = ("max_grad_norm", "skip_nonfinite")
 
-STATE_KEYS = ("exp_avg", "exp_avg_sq", "exp_avg_diff", "neg_pre_grad")
-# Keys of the moment buffers: without them a checkpoint cannot be resumed.
-_MOMENT_KEYS = STATE_KEYS[:3]
 
 
 def _check_hparams(group: Dict[str, Any]) -> None:
@@ -216,7 +213,7 @@ class Adan(Optimizer):
 
     def _check_fused_possible(self, group: Dict[str, Any]) -> None:
         if not _ext.extension_loaded():
-            raise RuntimeError(f"Adan(fused=True): {_ext.BUILD_HINT} (import error: {_ext.load_error()})")
+            _ext.require_extension()
         for p in group["params"]:
             if not _ext.fused_supported(p.device):
                 raise RuntimeError(
@@ -288,7 +285,7 @@ class Adan(Optimizer):
                 raise ValueError(f"Adan.load_state_dict: state for parameter id {index!r}, "
                                  "which no parameter group lists")
             param = index_to_param[index]
-            missing = [k for k in _MOMENT_KEYS if k not in st]
+            missing = [k for k in MOMENT_KEYS if k not in st]
             if missing:
                 raise ValueError(f"Adan.load_state_dict: the checkpoint is truncated: the state of parameter "
                                  f"{index!r} lacks {missing}")
@@ -313,7 +310,7 @@ class Adan(Optimizer):
             for p in group["params"]:
                 state = self.state.get(p)
                 if state:
-                    for key in _MOMENT_KEYS:
+                    for key in MOMENT_KEYS:
                         state[key].zero_()
 
     def _gather(self, group: Dict[str, Any]) -> Tuple[List[Tensor], List[Tensor]]:
@@ -350,7 +347,7 @@ class Adan(Optimizer):
         for p, g in zip(params, grads):
             state = self.state[p]
             if len(state) == 0:
-                for key in _MOMENT_KEYS:
+                for key in MOMENT_KEYS:
                     state[key] = torch.zeros_like(p, memory_format=torch.preserve_format)
             if first_step or "neg_pre_grad" not in state:
                 # A parameter's first gradient has no predecessor: seeding

@@ -19,6 +19,11 @@ from typing import List, Optional
 import torch
 from torch import Tensor
 
+# Per-parameter state, named as the official, timm and mmpretrain Adans name it.
+STATE_KEYS = ("exp_avg", "exp_avg_sq", "exp_avg_diff", "neg_pre_grad")
+# The moment buffers: without them a checkpoint cannot be resumed.
+MOMENT_KEYS = STATE_KEYS[:3]
+
 
 def _bias_corrections(step: int, beta1: float, beta2: float, beta3: float):
     bc1 = 1.0 - beta1 ** step

@@ -24,8 +24,8 @@ from torch import Tensor
 
 from . import _ext
 from .distributed import local_tensors
+from .functional import MOMENT_KEYS
 
-STATE_KEYS = ("exp_avg", "exp_avg_sq", "exp_avg_diff", "neg_pre_grad")
 
 
 def _scalar_on(t: Optional[Tensor], device: torch.device) -> Optional[Tensor]:
@@ -75,8 +75,7 @@ def _fused_adan(
         raise ValueError("Adan: the fused kernels do not implement caution=True; use fused=False")
     if not params:
         return
-    if not _ext.extension_loaded():
-        raise RuntimeError(f"Adan(fused=True): {_ext.BUILD_HINT} (import error: {_ext.load_error()})")
+    _ext.require_extension()
     step_tensor = step if isinstance(step, Tensor) else None
     host_step = 0.0 if step_tensor is not None else float(step)
     buckets: Dict[Any, List[int]] = {}
@@ -125,7 +124,7 @@ def fused_group_step(optimizer, group: Dict[str, Any], params: List[Tensor], gra
         sd = state_dtype or p.dtype
         is_fresh = len(state) == 0 or "neg_pre_grad" not in state
         if len(state) == 0:
-            for key in STATE_KEYS[:3]:
+            for key in MOMENT_KEYS:
                 state[key] = torch.zeros_like(p, dtype=sd, memory_format=torch.preserve_format)
         if "neg_pre_grad" not in state:
             state["neg_pre_grad"] = torch.zeros_like(state["exp_avg"], memory_format=torch.preserve_format)

@@ -7,13 +7,11 @@ import torch
 
 from adan_plugin import Adan, FusedAdan, _ext
 from adan_plugin.fused import _fused_adan
-from adan_plugin.functional import _single_tensor_adan
+from adan_plugin.functional import STATE_KEYS, _single_tensor_adan
 from problems import make_problem, param_groups, reference_groups, run_torch
 from reference import RefAdan
 
 pytestmark = pytest.mark.skipif(not _ext.extension_loaded(), reason="adan_plugin._C is not built")
-
-STATE_KEYS = ("exp_avg", "exp_avg_sq", "exp_avg_diff", "neg_pre_grad")
 
 
 def _reference(prob, steps=None):
