@@ -11,6 +11,7 @@ import pytest
 import torch
 import torch.nn as nn
 
+from adan_plugin import _ext
 from conftest import REPO_ROOT
 
 sys.path.insert(0, os.path.join(REPO_ROOT, "tools"))
@@ -147,6 +148,50 @@ def test_cpu_targets_are_judged_from_the_rows():
     none = bs.evaluate_targets([na, _row("resnet50", "adamw-fused", 16.0)], info)
     assert [t.verdict for t in none] == ["not evaluated"] * 2
     assert "extension not built" in none[0].detail
+
+
+def test_bytes_bound_is_reported_with_the_timm_target():
+    fused, timm_fe = _row("resnet50", "ours-fused", 20.0), _row("resnet50", "timm-foreach", 100.0)
+    fused.op_bytes, timm_fe.op_bytes = 44 * fused.params, 176 * timm_fe.params
+    (_adamw, target) = bs.evaluate_targets([fused, _row("resnet50", "adamw-fused", 16.0), timm_fe],
+                                           _info("cpu", copy_gbps=10.0))
+    assert target.verdict == "not met" and "5.00×" in target.detail
+    assert "176 B/param" in target.detail and "≤ 4.00×" in target.detail
+
+
+def test_op_bytes_counts_reads_writes_and_skips_views_and_write_only_destinations():
+    from bench.measure import op_bytes
+
+    a, b = torch.randn(1000), torch.randn(1000)
+    half = torch.randn(1000, dtype=torch.bfloat16)
+    cases = [
+        (lambda: a.add_(b), 12),                                    # read a, b; write a
+        (lambda: torch.sqrt(a), 8),                                 # read a; write a fresh tensor
+        (lambda: a.zero_(), 4),                                     # write only
+        (lambda: a.copy_(b), 8),                                    # read b, write a
+        (lambda: torch.add(a, b, out=a), 12),                       # out= is written, a read as input
+        (lambda: a.view(10, 100), 0),                               # a view moves nothing
+        (lambda: torch.empty_like(a), 0),                           # nor an unfilled allocation
+        (lambda: torch._foreach_addcmul_([a], [b], [b]), 12),       # b passed twice, read once
+        (lambda: half.float(), 6),                                  # 2 B read, 4 B written
+    ]
+    for fn, per_element in cases:
+        assert op_bytes(fn) == per_element * 1000
+
+
+@pytest.mark.skipif(not _ext.extension_loaded(), reason="adan_plugin._C is not built")
+def test_op_bytes_of_the_fused_step_is_one_pass_and_of_timm_several():
+    from bench.measure import op_bytes
+
+    counts = {}
+    for variant in ("ours-fused", "ours-fused-bf16", "timm-foreach"):
+        opt = bs.VARIANTS[variant].make(_params())
+        opt.step()
+        opt.step()
+        counts[variant] = op_bytes(opt.step)
+    assert counts["ours-fused"] == 44 * N
+    assert counts["ours-fused-bf16"] == 28 * N
+    assert counts["timm-foreach"] > 3 * counts["ours-fused"]
 
 
 def test_gpu_copy_floor_target():

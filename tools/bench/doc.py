@@ -33,6 +33,15 @@ in that run's section.  Re-run it to refresh a section (the other device's secti
     (shown as the fraction above 28).
   Unfused implementations move more than this (extra passes, temporaries); the column is what the
   algorithm needs, the same for every implementation of it, so GB/s compares implementations.
+- **ops' B/param**: the bytes the step's ops actually read and write, divided by the parameter count,
+  counted during one extra (untimed) step by a `TorchDispatchMode` (`tools/bench/measure.py::OpBytes`)
+  from each op's schema: every tensor argument read once per op, every argument the schema marks mutable
+  and every fresh output written; views and unfilled allocations count nothing.  On tensors far larger
+  than the caches every op streams its operands from memory, so this is each implementation's memory
+  traffic: ours fused is one op and one pass (44 B per fp32 parameter), a `_foreach_*` chain the sum of
+  its passes.  An op that declares more than it touches counts what it declares: torch's
+  `_fused_adamw_` marks its gradients mutable, hence 32 instead of 28.  Not shown for the compiled
+  step, whose inductor kernels are not dispatched ops.
 - **GB/s**: B/param × parameters / median step time ("effective bandwidth").
 - **% of floor**: GB/s divided by the streaming bandwidth floor measured on the same device in the same run,
   timed the same way: the fastest of `dst.copy_(src)` (2 × size moved) and in-place `a.add_(b)` (3 × size)
@@ -81,6 +90,15 @@ can wait a scheduler time slice for its second thread (seen here: `sqrt` of a 40
 about 10 ms with two threads under load, 2 µs with one), so implementations that issue many ops per step
 (single-tensor and foreach paths: over a thousand on these models) slow down far more than a one-pass
 kernel (ours fused: one parallel region per step).  Each run states its load average; compare ratios within a run only.
+
+Why the CPU target "ours fused ≥ 6× faster than timm's Adan foreach" (ResNet-50 shapes, fp32) is out of
+reach: on these model sizes both steps are bound by memory bandwidth, not by arithmetic (ours fused and
+`AdamW(fused=True)` reach the same GB/s in a run), so their time ratio is at most the ratio of the bytes
+their ops move.  timm's foreach step is 16 `_foreach_*` ops whose operands add up to 164 B per fp32
+parameter (ops' B/param column); no implementation that keeps Adan's four fp32 states and reads the
+gradient once (44 B) can be more than 164 / 44 = 3.7× faster than it at equal bandwidth.  The target row
+of a run states that bound beside the measured ratio.  6× would need at most 27 B per parameter, about
+what the bf16-state fused step moves (28 B).
 """
 
 SECTION_BEGIN = "<!-- bench_step:{kind}:begin -->"

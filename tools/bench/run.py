@@ -10,7 +10,8 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 
-from bench.measure import BandwidthFloor, CpuPeakMemory, _sync, cuda_peak_memory, time_fn  # noqa: F401 (Settings.floor)
+from bench.measure import (BandwidthFloor, CpuPeakMemory, _sync, cuda_peak_memory, op_bytes,  # noqa: F401 (Settings.floor)
+                           time_fn)
 from bench.shapes import Shape, numel
 from bench.variants import Unavailable, Variant, state_bytes, step_bytes
 
@@ -24,6 +25,7 @@ class Row:
     reason: Optional[str] = None        # set: n/a
     times: List[float] = field(default_factory=list)
     bytes: int = 0
+    op_bytes: Optional[int] = None      # what its ops read and write (not for compiled steps)
     params: int = 0
     state_bytes: int = 0
     peak_extra: Optional[int] = None
@@ -184,6 +186,8 @@ def run_model(model: str, shapes: Sequence[Shape], variants: Sequence[Variant], 
                 if rnd == 0:
                     row.bytes = step_bytes(opt)
                     row.state_bytes = state_bytes(opt)
+                    if not variant.compiled:  # inductor's kernels are not aten ops: nothing to count
+                        row.op_bytes = op_bytes(step)
                 if rnd == s.rounds - 1:
                     if s.memory and s.device.type == "cuda":
                         row.peak_extra = cuda_peak_memory(step, s.device)
