@@ -156,7 +156,8 @@ def test_bytes_bound_is_reported_with_the_timm_target():
     (_adamw, target) = bs.evaluate_targets([fused, _row("resnet50", "adamw-fused", 16.0), timm_fe],
                                            _info("cpu", copy_gbps=10.0))
     assert target.verdict == "not met" and "5.00×" in target.detail
-    assert "176 B/param" in target.detail and "≤ 4.00×" in target.detail
+    # 176 / 44 B = 4x from bytes; the remaining 1.25x is timm running at 80% of our bandwidth.
+    assert "176 / 44 B/param (4.00×" in target.detail and "(1.25×)" in target.detail
 
 
 def test_op_bytes_counts_reads_writes_and_skips_views_and_write_only_destinations():

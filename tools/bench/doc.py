@@ -92,13 +92,15 @@ about 10 ms with two threads under load, 2 µs with one), so implementations tha
 kernel (ours fused: one parallel region per step).  Each run states its load average; compare ratios within a run only.
 
 Why the CPU target "ours fused ≥ 6× faster than timm's Adan foreach" (ResNet-50 shapes, fp32) is out of
-reach: on these model sizes both steps are bound by memory bandwidth, not by arithmetic (ours fused and
-`AdamW(fused=True)` reach the same GB/s in a run), so their time ratio is at most the ratio of the bytes
-their ops move.  timm's foreach step is 16 `_foreach_*` ops whose operands add up to 164 B per fp32
-parameter (ops' B/param column); no implementation that keeps Adan's four fp32 states and reads the
-gradient once (44 B) can be more than 164 / 44 = 3.7× faster than it at equal bandwidth.  The target row
-of a run states that bound beside the measured ratio.  6× would need at most 27 B per parameter, about
-what the bf16-state fused step moves (28 B).
+reach: on these model sizes the steps are bound by memory bandwidth, not by arithmetic (ours fused runs at
+the GB/s of `AdamW(fused=True)`, close to the floor), so the time ratio of two steps is the ratio of the
+bytes their ops move times the ratio of the bandwidths they reach.  timm's foreach step is 16
+`_foreach_*` ops whose operands add up to 164 B per fp32 parameter (ops' B/param column) against our 44 B:
+3.7× at equal bandwidth, which no implementation keeping Adan's four fp32 states can beat.  Beyond that
+only timm's own inefficiency helps: its many short ops reach less bandwidth than one long pass, the more
+so under load (see above), and 6× needs it to reach at most 62% of ours.  The target row splits each run's
+ratio into those two factors.  6× at equal bandwidth would need at most 27 B per parameter, about what
+the bf16-state fused step moves (28 B).
 """
 
 SECTION_BEGIN = "<!-- bench_step:{kind}:begin -->"
