@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from adan_plugin import Adan, _ext
+from adan_plugin.functional import STATE_KEYS
 from adan_plugin.fused import _fused_adan
 from problems import make_problem, param_groups, reference_groups, run_torch
 from reference import RefAdan
@@ -16,8 +17,6 @@ from reference import RefAdan
 pytestmark = [pytest.mark.cuda,
               pytest.mark.skipif(not (_ext.extension_loaded() and _ext.fused_supported(torch.device("cuda"))),
                                  reason="adan_plugin._C was built without CUDA kernels")]
-
-STATE_KEYS = ("exp_avg", "exp_avg_sq", "exp_avg_diff", "neg_pre_grad")
 
 
 def _reference(prob):

@@ -93,3 +93,17 @@ def test_train_distributed_zero_and_fsdp2_follow_single_process(tmp_path):
         got_loss, got_top1 = _final_epoch(_run([script, "--strategy", strategy, *common], tmp_path))
         assert got_loss == pytest.approx(loss, abs=2e-4), strategy
         assert got_top1 == pytest.approx(top1, abs=0.3), strategy   # one validation image is 0.28%
+
+
+@pytest.mark.parametrize("world_size", ["1", "2"])
+def test_exit_process_keeps_buffered_output_and_the_exit_code(world_size):
+    # A torchrun worker leaves through os._exit (no interpreter finalization); what it printed into a
+    # pipe's buffer and its exit code must survive that, and a single process exits normally.
+    code = ("import sys; sys.path.insert(0, sys.argv[1]); from dist_exit import exit_process; "
+            "import atexit; atexit.register(lambda: print('finalized', end=''));"
+            "print('trained', end=''); exit_process(3)")
+    env = {**os.environ, "WORLD_SIZE": world_size}
+    proc = subprocess.run([sys.executable, "-c", code, os.path.join(REPO_ROOT, "tools")], env=env,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 3
+    assert proc.stdout == ("trained" if world_size == "2" else "trainedfinalized")

@@ -6,6 +6,8 @@
 #   2. compute-sanitizer memcheck on a short run of the kernels (several dtypes,
 #      unaligned views, many tensors across launches, AMP skip).
 # Usage (repository root): tools/gpu_checks.sh [logfile]   (default gpu_checks.log)
+# PY picks the interpreter (default .venv/bin/python); on a bare GPU machine with
+# torch, pytest, ninja and nvcc preinstalled: PY=python3 tools/gpu_checks.sh LOG.
 # Rebuilds the extension first when it lacks CUDA kernels, for the visible GPU's
 # architecture.  Record the log (device, date, versions are at its top).
 set -euo pipefail

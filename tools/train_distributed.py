@@ -162,9 +162,15 @@ def main(argv=None) -> float:
     if args.save:
         save(args, rank, model, module, opt, args.epochs)
     if dist.is_initialized():
+        # The group goes away only once every rank is past its last collective (see dist_exit.py for
+        # how the process then leaves).
+        dist.barrier()
         dist.destroy_process_group()
     return top1
 
 
 if __name__ == "__main__":
+    from dist_exit import exit_process  # beside this script
+
     main()
+    exit_process(0)

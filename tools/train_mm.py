@@ -128,4 +128,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from dist_exit import exit_process  # beside this script
+
+    exit_process(main() or 0)

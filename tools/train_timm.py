@@ -273,4 +273,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
 
 
 if __name__ == "__main__":
+    from dist_exit import exit_process  # beside this script
+
     main()
+    exit_process(0)
