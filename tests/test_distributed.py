@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import sys
 
 import pytest
 import torch
@@ -93,6 +94,11 @@ def _entry(rank, worker_name, init_method, out_dir, args):
         dist.barrier()
     finally:
         dist.destroy_process_group()
+    # A worker that succeeded skips interpreter finalization, where gloo's threads can abort the process
+    # (tools/dist_exit.py); a failing one raises above and mp.spawn reports its traceback.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def spawn(worker, tmp_path, *args):
