@@ -3,9 +3,10 @@
 // Multi-tensor plumbing is ours rather than ATen's MultiTensorApply.cuh: Adan
 // touches six tensor lists (p, g, m, n, d, neg_pre_grad) and ATen's helper
 // stops at five, its internals change between torch releases, and it needs
-// nvcc's --extended-lambda.  Each launch covers up to kMaxTensors tensors and
-// kMaxBlocks chunks of kChunk elements; a block owns one chunk.  Offsets are
-// 64-bit (chunk index * kChunk), so a tensor over 2^31 elements is fine.
+// nvcc's --extended-lambda.  Which tensors and chunks each launch covers is
+// planned on the host by adan_launch_plan.h (tested on CPU); a block owns one
+// chunk.  Offsets are 64-bit (chunk index * kChunk), so a tensor over 2^31
+// elements is fine.
 //
 // Every optional scalar (step, clip coefficient, grad scale, found_inf,
 // per-tensor steps) is read by the kernel from device memory: the host never
@@ -16,14 +17,15 @@
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 
+#include "adan_launch_plan.h"
 #include "adan_ops.h"
 
 namespace adan_plugin {
 namespace {
 
-constexpr int kMaxTensors = 32;
-constexpr int kMaxBlocks = 320;
-constexpr int64_t kChunk = 65536;
+constexpr int kMaxTensors = kLaunchMaxTensors;
+constexpr int kMaxBlocks = kLaunchMaxBlocks;
+constexpr int64_t kChunk = kLaunchChunk;
 constexpr int kThreads = 512;
 constexpr int kVec = 4;  // elements per vectorized load (16 B for fp32, 8 B for 16-bit types)
 
@@ -129,45 +131,27 @@ void launch_all(at::TensorList params, at::TensorList grads, at::TensorList exp_
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   const DeviceScalars dev{ptr_or_null(call.step_tensor), ptr_or_null(call.grad_coef),
                           ptr_or_null(call.grad_scale), ptr_or_null(call.found_inf)};
-  TensorBatch batch;
-  int nt = 0;  // slot the current tensor occupies
-  int nb = 0;  // blocks queued for the next launch
-  auto launch = [&]() {
-    adan_kernel<P, S><<<nb, kThreads, 0, stream>>>(batch, call.hyper, call.step, call.first, dev);
+  std::vector<int64_t> numels;
+  numels.reserve(params.size());
+  for (const at::Tensor& p : params) numels.push_back(p.numel());
+  for (const LaunchPlan& plan : plan_launches(numels)) {
+    TensorBatch batch;
+    for (size_t slot = 0; slot < plan.slot_tensor.size(); ++slot) {
+      const size_t i = static_cast<size_t>(plan.slot_tensor[slot]);
+      const at::Tensor* ts[6] = {&params[i], &grads[i], &exp_avgs[i], &exp_avg_sqs[i], &exp_avg_diffs[i],
+                                 &neg_pre_grads[i]};
+      for (int k = 0; k < 6; ++k) batch.ptr[k][slot] = ts[k]->data_ptr();
+      batch.param_step[slot] = call.param_steps.empty() ? nullptr : call.param_steps[i].data_ptr<float>();
+      batch.numel[slot] = params[i].numel();
+    }
+    const int blocks = static_cast<int>(plan.block_slot.size());
+    for (int b = 0; b < blocks; ++b) {
+      batch.block_tensor[b] = static_cast<unsigned char>(plan.block_slot[b]);
+      batch.block_chunk[b] = static_cast<int32_t>(plan.block_chunk[b]);
+    }
+    adan_kernel<P, S><<<blocks, kThreads, 0, stream>>>(batch, call.hyper, call.step, call.first, dev);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
-    nb = 0;
-  };
-  auto set_slot = [&](int slot, size_t i) {
-    const at::Tensor* ts[6] = {&params[i], &grads[i], &exp_avgs[i], &exp_avg_sqs[i], &exp_avg_diffs[i],
-                               &neg_pre_grads[i]};
-    for (int k = 0; k < 6; ++k) batch.ptr[k][slot] = ts[k]->data_ptr();
-    batch.param_step[slot] = call.param_steps.empty() ? nullptr : call.param_steps[i].data_ptr<float>();
-    batch.numel[slot] = params[i].numel();
-  };
-  for (size_t i = 0; i < params.size(); ++i) {
-    const int64_t numel = params[i].numel();
-    if (numel == 0) continue;
-    set_slot(nt, i);
-    const int64_t chunks = (numel + kChunk - 1) / kChunk;
-    for (int64_t ch = 0; ch < chunks; ++ch) {
-      batch.block_tensor[nb] = static_cast<unsigned char>(nt);
-      batch.block_chunk[nb] = static_cast<int32_t>(ch);
-      if (++nb == kMaxBlocks) {
-        launch();
-        if (ch + 1 < chunks) {  // the rest of this tensor starts the next launch
-          set_slot(0, i);
-          nt = 0;
-        } else {
-          nt = -1;
-        }
-      }
-    }
-    if (++nt == kMaxTensors) {
-      if (nb > 0) launch();
-      nt = 0;
-    }
   }
-  if (nb > 0) launch();
 }
 
 }  // namespace

@@ -5,6 +5,7 @@
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
+#include "adan_launch_plan.h"
 #include "adan_ops.h"
 
 namespace adan_plugin {
@@ -108,6 +109,22 @@ void fused_adan_op(at::TensorList params, at::TensorList grads, at::TensorList e
   Kernel(params, grads, exp_avgs, exp_avg_sqs, exp_avg_diffs, neg_pre_grads, call);
 }
 
+// Test hook for the CUDA launch plan (host code, so it runs without a GPU), flattened as
+// [max tensors, max blocks, chunk, then per launch: n_slots, slot tensors..., n_blocks, (slot, chunk)...].
+std::vector<int64_t> cuda_launch_plan(c10::IntArrayRef numels) {
+  std::vector<int64_t> out{kLaunchMaxTensors, kLaunchMaxBlocks, kLaunchChunk};
+  for (const LaunchPlan& plan : plan_launches(numels.vec())) {
+    out.push_back(static_cast<int64_t>(plan.slot_tensor.size()));
+    out.insert(out.end(), plan.slot_tensor.begin(), plan.slot_tensor.end());
+    out.push_back(static_cast<int64_t>(plan.block_slot.size()));
+    for (size_t b = 0; b < plan.block_slot.size(); ++b) {
+      out.push_back(plan.block_slot[b]);
+      out.push_back(plan.block_chunk[b]);
+    }
+  }
+  return out;
+}
+
 bool has_cuda() {
 #ifdef ADAN_WITH_CUDA
   return true;
@@ -129,6 +146,7 @@ TORCH_LIBRARY(adan_plugin, m) {
       "Tensor? step_tensor=None, Tensor[] param_steps, Tensor? grad_coef=None, Tensor? grad_scale=None, "
       "Tensor? found_inf=None) -> ()");
   m.def("_has_cuda() -> bool", &adan_plugin::has_cuda);
+  m.def("_cuda_launch_plan(int[] numels) -> int[]", &adan_plugin::cuda_launch_plan);
 }
 
 TORCH_LIBRARY_IMPL(adan_plugin, CPU, m) {
