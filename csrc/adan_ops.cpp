@@ -5,6 +5,8 @@
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
+#include <string>
+
 #include "adan_launch_plan.h"
 #include "adan_ops.h"
 
@@ -139,18 +141,22 @@ bool has_cuda() {
 
 TORCH_LIBRARY(adan_plugin, m) {
   // One pass over memory: reads p, g, m, n, d, neg_pre_grad; writes all but g.
-  m.def(
-      "fused_adan_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, "
+  const std::string args =
+      "(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, "
       "Tensor(d!)[] exp_avg_diffs, Tensor(e!)[] neg_pre_grads, *, float lr, float beta1, float beta2, "
       "float beta3, float eps, float weight_decay, bool no_prox, float step, bool first, "
       "Tensor? step_tensor=None, Tensor[] param_steps, Tensor? grad_coef=None, Tensor? grad_scale=None, "
-      "Tensor? found_inf=None) -> ()");
+      "Tensor? found_inf=None) -> ()";
+  m.def(("fused_adan_" + args).c_str());
+  // Tests only: the CUDA kernel's code on CPU tensors (see adan_cuda_on_cpu.cpp).
+  m.def(("_fused_adan_cuda_code_on_cpu_" + args).c_str());
   m.def("_has_cuda() -> bool", &adan_plugin::has_cuda);
   m.def("_cuda_launch_plan(int[] numels) -> int[]", &adan_plugin::cuda_launch_plan);
 }
 
 TORCH_LIBRARY_IMPL(adan_plugin, CPU, m) {
   m.impl("fused_adan_", &adan_plugin::fused_adan_op<&adan_plugin::fused_adan_cpu>);
+  m.impl("_fused_adan_cuda_code_on_cpu_", &adan_plugin::fused_adan_op<&adan_plugin::fused_adan_cuda_code_on_cpu>);
 }
 
 #ifdef ADAN_WITH_CUDA

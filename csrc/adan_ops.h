@@ -32,6 +32,11 @@ void fused_adan_cpu(at::TensorList params, at::TensorList grads, at::TensorList 
                     at::TensorList exp_avg_sqs, at::TensorList exp_avg_diffs,
                     at::TensorList neg_pre_grads, const AdanCall& call);
 
+// The CUDA kernel's code run on CPU tensors (tests only; adan_cuda_on_cpu.cpp).
+void fused_adan_cuda_code_on_cpu(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
+                                 at::TensorList exp_avg_sqs, at::TensorList exp_avg_diffs,
+                                 at::TensorList neg_pre_grads, const AdanCall& call);
+
 #ifdef ADAN_WITH_CUDA
 void fused_adan_cuda(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
                      at::TensorList exp_avg_sqs, at::TensorList exp_avg_diffs,

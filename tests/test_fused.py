@@ -1,4 +1,8 @@
-"""The fused CPU kernels (adan_plugin._C) against the float64 reference and the unfused paths."""
+"""The fused CPU kernels (adan_plugin._C) against the float64 reference and the unfused paths.
+
+Tests taking the ``kernel`` fixture run twice: with the CPU kernel, and with the CUDA kernel's own code
+(csrc/adan_cuda_block.h: launch plan, alignment choice, vector and scalar loops, device scalars) run on
+CPU tensors through the test op ``_fused_adan_cuda_code_on_cpu_``, so its logic is checked without a GPU."""
 import copy
 import random
 
@@ -12,6 +16,14 @@ from problems import make_problem, param_groups, reference_groups, run_torch
 from reference import RefAdan
 
 pytestmark = pytest.mark.skipif(not _ext.extension_loaded(), reason="adan_plugin._C is not built")
+
+
+@pytest.fixture(params=["cpu_kernel", "cuda_kernel_code"])
+def kernel(request, monkeypatch):
+    if request.param == "cuda_kernel_code":
+        ops = torch.ops.adan_plugin
+        monkeypatch.setattr(ops, "fused_adan_", ops._fused_adan_cuda_code_on_cpu_)
+    return request.param
 
 
 def _reference(prob, steps=None):
@@ -49,7 +61,7 @@ def _assert_bit_identical(a, b):
 # ---------------------------------------------------------------- equivalence
 @pytest.mark.parametrize("seed", range(4))
 @pytest.mark.parametrize("clip", [None, "binding"])
-def test_fused_matches_reference_and_unfused(seed, clip):
+def test_fused_matches_reference_and_unfused(seed, clip, kernel):
     prob = make_problem(seed, steps=40, clip=clip)
     ref = _reference(prob)
     if clip == "binding":  # the coefficient really scales: max norm far below the gradient norm
@@ -67,7 +79,7 @@ def test_fused_matches_reference_and_unfused(seed, clip):
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.bfloat16, 0.03), (torch.float16, 4e-3)])
-def test_low_precision_params(dtype, tol):
+def test_low_precision_params(dtype, tol, kernel):
     # fp32 math, only the storage rounds: closer to the reference than the
     # unfused paths (which compute in the parameter's dtype).
     prob = make_problem(3, steps=20, none_prob=0.0, n_groups=1)
@@ -82,7 +94,7 @@ def test_low_precision_params(dtype, tol):
 @pytest.mark.parametrize("param_dtype,state_dtype,tol", [
     (torch.float32, torch.bfloat16, 2e-3), (torch.bfloat16, torch.float32, 0.03),
     (torch.float16, torch.bfloat16, 5e-3), (torch.float32, torch.float16, 2e-4)])
-def test_state_dtype(param_dtype, state_dtype, tol):
+def test_state_dtype(param_dtype, state_dtype, tol, kernel):
     prob = make_problem(4, steps=20, none_prob=0.1, n_groups=2, clip="binding")
     groups = param_groups(prob, dtype=param_dtype)
     opt = Adan(groups, fused=True, state_dtype=state_dtype, max_grad_norm=prob.max_grad_norm)
@@ -103,7 +115,7 @@ def test_bf16_state_is_not_fp32_state():
     assert not torch.equal(out[0], out[1])
 
 
-def test_many_tensors_and_odd_sizes():
+def test_many_tensors_and_odd_sizes(kernel):
     # > 1000 tensors, sizes 0, 1, odd, around the vector width and over a chunk.
     rng = random.Random(0)
     sizes = [rng.choice([0, 1, 3, 7, 8, 9, 15, 16, 17, 31, 33, 64, 127]) for _ in range(1100)] + [16384 * 2 + 5]
@@ -122,7 +134,7 @@ def test_many_tensors_and_odd_sizes():
         torch.testing.assert_close(p.detach().double(), r, rtol=2e-5, atol=2e-6)
 
 
-def test_restart_and_late_parameters_match_reference():
+def test_restart_and_late_parameters_match_reference(kernel):
     prob = make_problem(5, steps=30, clip="binding", none_prob=0.3)
     ref = RefAdan(reference_groups(prob), max_grad_norm=prob.max_grad_norm)
     groups = param_groups(prob)
@@ -138,7 +150,7 @@ def test_restart_and_late_parameters_match_reference():
     _assert_tracks(groups, ref, rtol=2e-5, atol=2e-6)
 
 
-def test_gradient_is_never_written():
+def test_gradient_is_never_written(kernel):
     params = [torch.nn.Parameter(torch.randn(1000))]
     opt = Adan(params, fused=True, max_grad_norm=0.1)
     for _ in range(3):
@@ -154,7 +166,7 @@ def _amp_problem(seed=7):
     return prob, param_groups(prob)
 
 
-def test_grad_scale_unscales_in_registers():
+def test_grad_scale_unscales_in_registers(kernel):
     # A power-of-two scale is exact in fp32, so the trajectory is bit-identical.
     prob, plain = _amp_problem()
     _, scaled = _amp_problem()
@@ -175,7 +187,7 @@ def test_grad_scale_unscales_in_registers():
     assert [int(g["step"]) for g in opt_b.param_groups] == [g["step"] for g in opt_a.param_groups]
 
 
-def test_found_inf_leaves_everything_untouched():
+def test_found_inf_leaves_everything_untouched(kernel):
     prob, groups = _amp_problem()
     opt = Adan(groups, fused=True, max_grad_norm=prob.max_grad_norm)
     for grads in prob.grads[:4]:
@@ -193,7 +205,7 @@ def test_found_inf_leaves_everything_untouched():
     _assert_bit_identical(before, _snapshot(opt, groups))
 
 
-def test_skipped_first_steps_and_late_parameters_match_reference():
+def test_skipped_first_steps_and_late_parameters_match_reference(kernel):
     # GradScaler often skips the very first steps, and some parameters get
     # their first gradient late (even on a skipped step): each parameter's
     # first applied step must still see a zero gradient difference.
@@ -230,7 +242,7 @@ def test_skipped_first_steps_and_late_parameters_match_reference():
     assert [float(g["step"]) for g in opt.param_groups] == [len(prob.grads) - len(skipped) + 3] * 2
 
 
-def test_grad_scaler_step_uses_the_kernel_path():
+def test_grad_scaler_step_uses_the_kernel_path(kernel):
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.Tanh(), torch.nn.Linear(32, 4))
     twin = copy.deepcopy(model)
@@ -378,7 +390,7 @@ def test_op_rejects_mismatched_lists_and_changes_nothing():
     assert torch.equal(p, p0) and not m.any()
 
 
-def test_op_matches_single_tensor_on_strided_views():
+def test_op_matches_single_tensor_on_strided_views(kernel):
     # Non-contiguous but dense tensors (channels_last) and offset views.
     base = [torch.randn(2, 3, 5, 7).to(memory_format=torch.channels_last) for _ in range(6)]
     views = [torch.randn(1001)[1:] for _ in range(6)]
@@ -392,6 +404,34 @@ def test_op_matches_single_tensor_on_strided_views():
         _single_tensor_adan(*[[t] for t in b], **kw)
         for x, y in zip(a, b):
             torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6)
+
+
+def test_cuda_kernel_code_across_launches_matches_the_cpu_kernel():
+    # A tensor spilling out of a full launch (320 chunks of 65536), more tensors than a launch has
+    # slots, aligned (vector loop) and 4-byte-offset (scalar loop) tensors in one call, bf16 states.
+    ops = torch.ops.adan_plugin
+    chunk, blocks = 65536, 320
+    sizes = [chunk * blocks + 5, 3, chunk + 1] + [7, 4099, 1] * 12
+    for state_dtype in (torch.float32, torch.bfloat16):
+        lists = []
+        for k in range(6):
+            dtype = torch.float32 if k < 2 else state_dtype
+            ts = [torch.randn(n + 1, dtype=dtype)[1:] if i % 4 == 2 else torch.randn(n, dtype=dtype)
+                  for i, n in enumerate(sizes)]
+            lists.append(ts)
+        for t in lists[3]:
+            t.abs_()
+        kw = dict(lr=1e-2, beta1=0.98, beta2=0.92, beta3=0.99, eps=1e-8, weight_decay=0.05, no_prox=False,
+                  step=3.0, first=False, param_steps=[], grad_coef=torch.tensor(0.5))
+        ours = [[t.clone() for t in ts] for ts in lists]
+        ops._fused_adan_cuda_code_on_cpu_(*ours, **kw)
+        ops.fused_adan_(*lists, **kw)
+        # The CPU kernel's AVX2 loop contracts to FMA, this build of the CUDA code does not (a GPU does):
+        # a few elements differ by an fp32 ulp, which a bf16 state can carry into one bf16 ulp.
+        for a, b in zip(ours, lists):
+            for x, y in zip(a, b):
+                tol = dict(rtol=1e-5, atol=1e-6) if x.dtype == torch.float32 else dict(rtol=8e-3, atol=1e-5)
+                torch.testing.assert_close(x, y, **tol)
 
 
 def test_portable_and_avx2_loops_agree(tmp_path):
