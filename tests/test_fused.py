@@ -434,6 +434,31 @@ def test_cuda_kernel_code_across_launches_matches_the_cpu_kernel():
                 torch.testing.assert_close(x, y, **tol)
 
 
+@pytest.mark.parametrize("param_dtype,state_dtype", [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16),
+                                                     (torch.float16, torch.float32), (torch.float32, torch.bfloat16)])
+def test_both_kernels_write_only_inside_their_tensors(param_dtype, state_dtype):
+    # Each tensor is a window into a larger buffer whose margins hold a sentinel; sizes straddle the
+    # 4-wide loop, the CPU vector width and the CUDA chunk, windows start aligned (margin 8) or not (5).
+    ops = torch.ops.adan_plugin
+    sizes = [1, 3, 4, 5, 17, 65535, 65536, 65537, 300001]
+    for op in (ops.fused_adan_, ops._fused_adan_cuda_code_on_cpu_):
+        for margin in (5, 8):
+            buffers, lists = [], []
+            for k in range(6):
+                dtype = param_dtype if k < 2 else state_dtype
+                bufs = [torch.full((n + 2 * margin,), -7.0, dtype=dtype) for n in sizes]
+                views = [b[margin:margin + n] for b, n in zip(bufs, sizes)]
+                for v in views:
+                    v.copy_(torch.randn(v.shape).abs() if k == 3 else torch.randn(v.shape))
+                buffers.append(bufs)
+                lists.append(views)
+            op(*lists, lr=1e-2, beta1=0.98, beta2=0.92, beta3=0.99, eps=1e-8, weight_decay=0.05,
+               no_prox=False, step=2.0, first=False, param_steps=[])
+            for bufs in buffers:
+                for b, n in zip(bufs, sizes):
+                    assert (b[:margin] == -7.0).all() and (b[margin + n:] == -7.0).all(), (op, margin, n)
+
+
 def test_portable_and_avx2_loops_agree(tmp_path):
     # The AVX2 build is picked at run time; ADAN_PLUGIN_CPU_ISA=base forces the
     # portable one, which CI machines would otherwise never run.
