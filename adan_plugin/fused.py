@@ -157,7 +157,10 @@ def fused_group_step(optimizer, group: Dict[str, Any], params: List[Tensor], gra
                 for ps in param_steps:
                     by_dev.setdefault(ps.device, []).append(ps)
                 for dev, steps in by_dev.items():
-                    torch._foreach_add_(steps, _scalar_on(inc, dev))
+                    # The list overload: the Tensor-scalar one reads its scalar with .item() on
+                    # some backends (a host sync on a GPU).
+                    inc_dev = _scalar_on(inc, dev)
+                    torch._foreach_add_(steps, [inc_dev] * len(steps))
             else:
                 torch._foreach_add_(param_steps, 1)
             params, grads, m, n, d, neg = local_tensors(params, grads, m, n, d, neg)
