@@ -13,7 +13,6 @@
 // per-tensor steps) is read by the kernel from device memory: the host never
 // waits, and the launch can be captured in a CUDA graph.
 #include <ATen/ATen.h>
-#include <ATen/Dispatch.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -37,23 +36,17 @@ void fused_adan_cuda(at::TensorList params, at::TensorList grads, at::TensorList
                      at::TensorList exp_avg_sqs, at::TensorList exp_avg_diffs, at::TensorList neg_pre_grads,
                      const AdanCall& call) {
   const c10::cuda::CUDAGuard guard(params[0].device());
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, params[0].scalar_type(), "fused_adan_cuda_p", [&] {
-    using P = scalar_t;
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, exp_avgs[0].scalar_type(), "fused_adan_cuda_s", [&] {
-      using S = scalar_t;
-      if constexpr (std::is_same_v<P, double> || std::is_same_v<S, double>) {
-        TORCH_CHECK(false, "adan_plugin.fused_adan_: float64 is not supported");
-      } else {
-        const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-        const DeviceScalars dev = device_scalars(call);
-        for_each_launch(params, grads, exp_avgs, exp_avg_sqs, exp_avg_diffs, neg_pre_grads, call,
-                        [&](const TensorBatch& batch, int blocks) {
-                          adan_kernel<P, S><<<blocks, kThreads, 0, stream>>>(batch, call.hyper, call.step,
-                                                                            call.first, dev);
-                          C10_CUDA_KERNEL_LAUNCH_CHECK();
-                        });
-      }
-    });
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  const DeviceScalars dev = device_scalars(call);
+  dispatch_storage_types(params[0].scalar_type(), exp_avgs[0].scalar_type(), [&](auto p_tag, auto s_tag) {
+    using P = decltype(p_tag);
+    using S = decltype(s_tag);
+    for_each_launch(params, grads, exp_avgs, exp_avg_sqs, exp_avg_diffs, neg_pre_grads, call,
+                    [&](const TensorBatch& batch, int blocks) {
+                      adan_kernel<P, S><<<blocks, kThreads, 0, stream>>>(batch, call.hyper, call.step, call.first,
+                                                                        dev);
+                      C10_CUDA_KERNEL_LAUNCH_CHECK();
+                    });
   });
 }
 

@@ -6,7 +6,10 @@
 // the GPU's result up to floating-point contraction.
 #pragma once
 
+#include <ATen/Dispatch.h>
+
 #include <cstdint>
+#include <type_traits>
 
 #include "adan_launch_plan.h"
 #include "adan_math.h"
@@ -125,6 +128,22 @@ inline const float* ptr_or_null(const c10::optional<at::Tensor>& t) {
 inline DeviceScalars device_scalars(const AdanCall& call) {
   return DeviceScalars{ptr_or_null(call.step_tensor), ptr_or_null(call.grad_coef), ptr_or_null(call.grad_scale),
                        ptr_or_null(call.found_inf)};
+}
+
+// Calls f(P{}, S{}) with the parameter and state storage types of a call.
+template <typename F>
+void dispatch_storage_types(at::ScalarType param_dtype, at::ScalarType state_dtype, F&& f) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, param_dtype, "fused_adan_p", [&] {
+    using P = scalar_t;
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, state_dtype, "fused_adan_s", [&] {
+      using S = scalar_t;
+      if constexpr (std::is_same_v<P, double> || std::is_same_v<S, double>) {
+        TORCH_CHECK(false, "adan_plugin.fused_adan_: float64 is not supported");
+      } else {
+        f(P{}, S{});
+      }
+    });
+  });
 }
 
 // Calls launch(batch, n_blocks) once per launch of the plan for these lists.
