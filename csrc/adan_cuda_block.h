@@ -176,5 +176,16 @@ void for_each_launch(at::TensorList params, at::TensorList grads, at::TensorList
   }
 }
 
+// for_each_launch with the storage types: launch(P{}, S{}, batch, n_blocks).
+template <typename Launch>
+void for_each_typed_launch(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
+                           at::TensorList exp_avg_sqs, at::TensorList exp_avg_diffs, at::TensorList neg_pre_grads,
+                           const AdanCall& call, Launch&& launch) {
+  dispatch_storage_types(params[0].scalar_type(), exp_avgs[0].scalar_type(), [&](auto p_tag, auto s_tag) {
+    for_each_launch(params, grads, exp_avgs, exp_avg_sqs, exp_avg_diffs, neg_pre_grads, call,
+                    [&](const TensorBatch& batch, int blocks) { launch(p_tag, s_tag, batch, blocks); });
+  });
+}
+
 }  // namespace cuda_block
 }  // namespace adan_plugin
