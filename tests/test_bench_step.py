@@ -165,6 +165,7 @@ def test_op_bytes_counts_reads_writes_and_skips_views_and_write_only_destination
 
     a, b = torch.randn(1000), torch.randn(1000)
     half = torch.randn(1000, dtype=torch.bfloat16)
+    idx = torch.empty(1000, dtype=torch.long)
     cases = [
         (lambda: a.add_(b), 12),                                    # read a, b; write a
         (lambda: torch.sqrt(a), 8),                                 # read a; write a fresh tensor
@@ -175,9 +176,13 @@ def test_op_bytes_counts_reads_writes_and_skips_views_and_write_only_destination
         (lambda: torch.empty_like(a), 0),                           # nor an unfilled allocation
         (lambda: torch._foreach_addcmul_([a], [b], [b]), 12),       # b passed twice, read once
         (lambda: half.float(), 6),                                  # 2 B read, 4 B written
+        (lambda: torch.sort(b, out=(a, idx)), 16),                  # values/indices: written only
     ]
     for fn, per_element in cases:
         assert op_bytes(fn) == per_element * 1000
+    # A broadcast operand is read once, not once per element of the view.
+    broadcast = torch.ones(1).expand(1000)
+    assert op_bytes(lambda: broadcast.clone()) == 4 + 4 * 1000
 
 
 @pytest.mark.skipif(not _ext.extension_loaded(), reason="adan_plugin._C is not built")

@@ -1,10 +1,12 @@
 """No host-device sync inside ``step()``, checked on the CPU.
 
-A sync is the host reading a tensor's value: ``.item()``, ``float(t)``, ``if t:`` and ``torch.equal`` all
-reach the dispatcher as ``aten._local_scalar_dense`` / ``is_nonzero`` / ``equal``.  Running ``step()``
-under a dispatch mode that refuses those ops finds every such read in our Python on every path and
-option, without a GPU (what the CPU kernel does inside its C++ is not dispatched: there a read is a
-memory load).  tests/test_cuda_fused.py checks the same on a GPU with ``set_sync_debug_mode('error')``."""
+A sync is the host waiting for a tensor's value: ``.item()``, ``float(t)``, ``if t:``, ``torch.equal``
+reach the dispatcher as ``aten._local_scalar_dense`` / ``is_nonzero`` / ``equal``, and ops whose output
+size depends on the data (``nonzero``, ``masked_select``) must read it too.  Running ``step()`` under a
+dispatch mode that refuses those ops catches such reads on every path and option without a GPU.  It cannot
+see a device-to-host copy (``.cpu()`` is an ordinary copy on a CPU), boolean-mask indexing (on a CPU its
+``nonzero`` runs inside ``index``), nor what the CPU kernel does in C++; tests/test_cuda_fused.py checks on
+a GPU with ``set_sync_debug_mode('error')``."""
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -12,7 +14,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from adan_plugin import Adan, _ext
 
 HOST_READS = {torch.ops.aten._local_scalar_dense.default, torch.ops.aten.is_nonzero.default,
-              torch.ops.aten.equal.default}
+              torch.ops.aten.equal.default, torch.ops.aten.nonzero.default, torch.ops.aten.masked_select.default}
 
 
 class RefuseHostReads(TorchDispatchMode):
@@ -43,10 +45,12 @@ CONFIGS = [
 ]
 
 
-def test_the_probe_sees_a_host_read():
+@pytest.mark.parametrize("read", [lambda t: float(t.sum()), lambda t: bool(t.any()), lambda t: t.nonzero(),
+                                  lambda t: t.masked_select(t > 0)])
+def test_the_probe_sees_a_host_read(read):
     with pytest.raises(AssertionError, match="host read"):
         with RefuseHostReads():
-            float(torch.ones(()))
+            read(torch.randn(8))
 
 
 @pytest.mark.parametrize("kwargs", CONFIGS)

@@ -183,7 +183,8 @@ class OpBytes(TorchDispatchMode):
         for i, arg in enumerate(schema.arguments):
             value = args[i] if i < len(args) else kwargs.get(arg.name)
             is_write = arg.alias_info is not None and arg.alias_info.is_write
-            write_only = is_write and (arg.name == "out" or (i == 0 and name in _WRITE_ONLY_SELF))
+            # out= style destinations (`out`, or `values`/`indices` of a .out overload) are keyword-only.
+            write_only = is_write and (arg.kwarg_only or (i == 0 and name in _WRITE_ONLY_SELF))
             for t in _tensors(value):
                 if not write_only:
                     read[_key(t)] = _tensor_bytes(t)
@@ -215,7 +216,11 @@ def _key(t: torch.Tensor):
 
 
 def _tensor_bytes(t: torch.Tensor) -> int:
-    return t.numel() * t.element_size()
+    """Memory a tensor spans: its element count, or less for a broadcast (zero-stride) view."""
+    if t.numel() == 0:
+        return 0
+    span = 1 + sum((size - 1) * abs(stride) for size, stride in zip(t.shape, t.stride()))
+    return min(t.numel(), span) * t.element_size()
 
 
 def op_bytes(fn: Callable[[], object]) -> int:

@@ -187,7 +187,10 @@ def run_model(model: str, shapes: Sequence[Shape], variants: Sequence[Variant], 
                     row.bytes = step_bytes(opt)
                     row.state_bytes = state_bytes(opt)
                     if not variant.compiled:  # inductor's kernels are not aten ops: nothing to count
-                        row.op_bytes = op_bytes(step)
+                        try:
+                            row.op_bytes = op_bytes(step)
+                        except Exception as err:  # noqa: BLE001  -- the timings stand without it
+                            log(f"  {model:>22} {variant.name:<22} ops' bytes n/a: {_short(err)}")
                 if rnd == s.rounds - 1:
                     if s.memory and s.device.type == "cuda":
                         row.peak_extra = cuda_peak_memory(step, s.device)
