@@ -38,14 +38,14 @@ void fused_adan_cuda(at::TensorList params, at::TensorList grads, at::TensorList
   const c10::cuda::CUDAGuard guard(params[0].device());
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   const DeviceScalars dev = device_scalars(call);
-  for_each_typed_launch(params, grads, exp_avgs, exp_avg_sqs, exp_avg_diffs, neg_pre_grads, call,
-                        [&](auto p_tag, auto s_tag, const TensorBatch& batch, int blocks) {
-                          using P = decltype(p_tag);
-                          using S = decltype(s_tag);
-                          adan_kernel<P, S><<<blocks, kThreads, 0, stream>>>(batch, call.hyper, call.step,
-                                                                            call.first, dev);
-                          C10_CUDA_KERNEL_LAUNCH_CHECK();
-                        });
+  for_each_launch(params, grads, exp_avgs, exp_avg_sqs, exp_avg_diffs, neg_pre_grads, call,
+                  [&](auto p_tag, auto s_tag, const TensorBatch& batch, int blocks) {
+                    using P = decltype(p_tag);
+                    using S = decltype(s_tag);
+                    adan_kernel<P, S><<<blocks, kThreads, 0, stream>>>(batch, call.hyper, call.step, call.first,
+                                                                      dev);
+                    C10_CUDA_KERNEL_LAUNCH_CHECK();
+                  });
 }
 
 }  // namespace adan_plugin

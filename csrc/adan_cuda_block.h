@@ -18,19 +18,16 @@
 namespace adan_plugin {
 namespace cuda_block {
 
-constexpr int kMaxTensors = kLaunchMaxTensors;
-constexpr int kMaxBlocks = kLaunchMaxBlocks;
-constexpr int64_t kChunk = kLaunchChunk;
 constexpr int kThreads = 512;
 constexpr int kVec = 4;  // elements per vectorized load (16 B for fp32, 8 B for 16-bit types)
 
 // Kernel argument (passed by value, < 4 KiB with the other arguments).
 struct TensorBatch {
-  void* ptr[6][kMaxTensors];               // p, g, m, n, d, neg_pre_grad
-  const float* param_step[kMaxTensors];    // per-tensor step count, or nullptr
-  int64_t numel[kMaxTensors];
-  unsigned char block_tensor[kMaxBlocks];  // which tensor block b works on
-  int32_t block_chunk[kMaxBlocks];         // and which chunk of it
+  void* ptr[6][kLaunchMaxTensors];              // p, g, m, n, d, neg_pre_grad
+  const float* param_step[kLaunchMaxTensors];   // per-tensor step count, or nullptr
+  int64_t numel[kLaunchMaxTensors];
+  unsigned char block_tensor[kLaunchMaxBlocks];  // which tensor block b works on
+  int32_t block_chunk[kLaunchMaxBlocks];         // and which chunk of it
 };
 
 struct DeviceScalars {
@@ -44,7 +41,7 @@ struct DeviceScalars {
 static_assert(sizeof(TensorBatch) + sizeof(AdanHyper) + sizeof(double) + sizeof(bool) + sizeof(DeviceScalars) +
                       32 <= 4096,
               "fused_adan_ kernel arguments exceed 4 KiB");
-static_assert(kMaxTensors <= 256, "block_tensor is one byte");
+static_assert(kLaunchMaxTensors <= 256, "block_tensor is one byte");
 
 template <typename T>
 struct alignas(sizeof(T) * kVec) VecT {
@@ -71,9 +68,9 @@ C10_HOST_DEVICE ADAN_BLOCK_INLINE void adan_block(const TensorBatch& batch, cons
   if (dev.found_inf != nullptr && *dev.found_inf != 0.0f) return;  // AMP overflow: skip the step
 
   const int t = batch.block_tensor[block];
-  const int64_t start = static_cast<int64_t>(batch.block_chunk[block]) * kChunk;
+  const int64_t start = static_cast<int64_t>(batch.block_chunk[block]) * kLaunchChunk;
   const int64_t rem = batch.numel[t] - start;
-  const int64_t n = rem < kChunk ? rem : kChunk;
+  const int64_t n = rem < kLaunchChunk ? rem : kLaunchChunk;
 
   const double step = dev.step != nullptr ? static_cast<double>(*dev.step) : host_step;
   const bool first = first_all || step == 1.0 ||
@@ -154,7 +151,8 @@ void dispatch_storage_types(at::ScalarType param_dtype, at::ScalarType state_dty
   });
 }
 
-// Calls launch(batch, n_blocks) once per launch of the plan for these lists.
+// Calls launch(P{}, S{}, batch, n_blocks) once per launch of the plan for these lists, P and S being the
+// parameters' and the states' storage types.
 template <typename Launch>
 void for_each_launch(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
                      at::TensorList exp_avg_sqs, at::TensorList exp_avg_diffs, at::TensorList neg_pre_grads,
@@ -162,36 +160,28 @@ void for_each_launch(at::TensorList params, at::TensorList grads, at::TensorList
   std::vector<int64_t> numels;
   numels.reserve(params.size());
   for (const at::Tensor& p : params) {
-    TORCH_CHECK(p.numel() / kChunk < (int64_t{1} << 31), "adan_plugin.fused_adan_: tensor too large");
+    TORCH_CHECK(p.numel() / kLaunchChunk < (int64_t{1} << 31), "adan_plugin.fused_adan_: tensor too large");
     numels.push_back(p.numel());
   }
-  for (const LaunchPlan& plan : plan_launches(numels)) {
-    TensorBatch batch;
-    for (size_t slot = 0; slot < plan.slot_tensor.size(); ++slot) {
-      const size_t i = static_cast<size_t>(plan.slot_tensor[slot]);
-      const at::Tensor* ts[6] = {&params[i], &grads[i], &exp_avgs[i], &exp_avg_sqs[i], &exp_avg_diffs[i],
-                                 &neg_pre_grads[i]};
-      for (int k = 0; k < 6; ++k) batch.ptr[k][slot] = ts[k]->data_ptr();
-      batch.param_step[slot] = call.param_steps.empty() ? nullptr : call.param_steps[i].data_ptr<float>();
-      batch.numel[slot] = params[i].numel();
-    }
-    const int blocks = static_cast<int>(plan.block_slot.size());
-    for (int b = 0; b < blocks; ++b) {
-      batch.block_tensor[b] = static_cast<unsigned char>(plan.block_slot[b]);
-      batch.block_chunk[b] = static_cast<int32_t>(plan.block_chunk[b]);
-    }
-    launch(batch, blocks);
-  }
-}
-
-// for_each_launch with the storage types: launch(P{}, S{}, batch, n_blocks).
-template <typename Launch>
-void for_each_typed_launch(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
-                           at::TensorList exp_avg_sqs, at::TensorList exp_avg_diffs, at::TensorList neg_pre_grads,
-                           const AdanCall& call, Launch&& launch) {
+  const std::vector<LaunchPlan> plans = plan_launches(numels);
   dispatch_storage_types(params[0].scalar_type(), exp_avgs[0].scalar_type(), [&](auto p_tag, auto s_tag) {
-    for_each_launch(params, grads, exp_avgs, exp_avg_sqs, exp_avg_diffs, neg_pre_grads, call,
-                    [&](const TensorBatch& batch, int blocks) { launch(p_tag, s_tag, batch, blocks); });
+    for (const LaunchPlan& plan : plans) {
+      TensorBatch batch;
+      for (size_t slot = 0; slot < plan.slot_tensor.size(); ++slot) {
+        const size_t i = static_cast<size_t>(plan.slot_tensor[slot]);
+        const at::Tensor* ts[6] = {&params[i], &grads[i], &exp_avgs[i], &exp_avg_sqs[i], &exp_avg_diffs[i],
+                                   &neg_pre_grads[i]};
+        for (int k = 0; k < 6; ++k) batch.ptr[k][slot] = ts[k]->data_ptr();
+        batch.param_step[slot] = call.param_steps.empty() ? nullptr : call.param_steps[i].data_ptr<float>();
+        batch.numel[slot] = params[i].numel();
+      }
+      const int blocks = static_cast<int>(plan.block_slot.size());
+      for (int b = 0; b < blocks; ++b) {
+        batch.block_tensor[b] = static_cast<unsigned char>(plan.block_slot[b]);
+        batch.block_chunk[b] = static_cast<int32_t>(plan.block_chunk[b]);
+      }
+      launch(p_tag, s_tag, batch, blocks);
+    }
   });
 }
 

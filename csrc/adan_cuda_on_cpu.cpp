@@ -15,13 +15,13 @@ void fused_adan_cuda_code_on_cpu(at::TensorList params, at::TensorList grads, at
                                  at::TensorList neg_pre_grads, const AdanCall& call) {
   using namespace cuda_block;
   const DeviceScalars dev = device_scalars(call);
-  for_each_typed_launch(params, grads, exp_avgs, exp_avg_sqs, exp_avg_diffs, neg_pre_grads, call,
-                        [&](auto p_tag, auto s_tag, const TensorBatch& batch, int blocks) {
-                          for (int b = 0; b < blocks; ++b)
-                            for (int t = 0; t < kThreads; ++t)
-                              adan_block<decltype(p_tag), decltype(s_tag)>(batch, call.hyper, call.step,
-                                                                           call.first, dev, b, t, kThreads);
-                        });
+  for_each_launch(params, grads, exp_avgs, exp_avg_sqs, exp_avg_diffs, neg_pre_grads, call,
+                  [&](auto p_tag, auto s_tag, const TensorBatch& batch, int blocks) {
+                    for (int b = 0; b < blocks; ++b)
+                      for (int t = 0; t < kThreads; ++t)
+                        adan_block<decltype(p_tag), decltype(s_tag)>(batch, call.hyper, call.step, call.first, dev,
+                                                                     b, t, kThreads);
+                  });
 }
 
 }  // namespace adan_plugin

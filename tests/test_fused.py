@@ -406,23 +406,38 @@ def test_op_matches_single_tensor_on_strided_views(kernel):
             torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6)
 
 
+OP_KW = dict(lr=1e-2, beta1=0.98, beta2=0.92, beta3=0.99, eps=1e-8, weight_decay=0.05, no_prox=False, first=False,
+             param_steps=[])
+
+
+def _op_lists(sizes, param_dtype, state_dtype, make):
+    """The op's six lists (params, grads, exp_avg, exp_avg_sq, exp_avg_diff, neg_pre_grad), each tensor
+    ``make(index, numel, dtype)`` filled with randn; exp_avg_sq made non-negative."""
+    lists = []
+    for k in range(6):
+        dtype = param_dtype if k < 2 else state_dtype
+        ts = [make(i, n, dtype) for i, n in enumerate(sizes)]
+        for t in ts:
+            t.copy_(torch.randn(t.shape))
+            if k == 3:
+                t.abs_()
+        lists.append(ts)
+    return lists
+
+
 def test_cuda_kernel_code_across_launches_matches_the_cpu_kernel():
     # A tensor spilling out of a full launch (320 chunks of 65536), more tensors than a launch has
     # slots, aligned (vector loop) and 4-byte-offset (scalar loop) tensors in one call, bf16 states.
     ops = torch.ops.adan_plugin
     chunk, blocks = 65536, 320
     sizes = [chunk * blocks + 5, 3, chunk + 1] + [7, 4099, 1] * 12
+
+    def make(i, n, dtype):
+        return torch.empty(n + 1, dtype=dtype)[1:] if i % 4 == 2 else torch.empty(n, dtype=dtype)
+
     for state_dtype in (torch.float32, torch.bfloat16):
-        lists = []
-        for k in range(6):
-            dtype = torch.float32 if k < 2 else state_dtype
-            ts = [torch.randn(n + 1, dtype=dtype)[1:] if i % 4 == 2 else torch.randn(n, dtype=dtype)
-                  for i, n in enumerate(sizes)]
-            lists.append(ts)
-        for t in lists[3]:
-            t.abs_()
-        kw = dict(lr=1e-2, beta1=0.98, beta2=0.92, beta3=0.99, eps=1e-8, weight_decay=0.05, no_prox=False,
-                  step=3.0, first=False, param_steps=[], grad_coef=torch.tensor(0.5))
+        lists = _op_lists(sizes, torch.float32, state_dtype, make)
+        kw = dict(OP_KW, step=3.0, grad_coef=torch.tensor(0.5))
         ours = [[t.clone() for t in ts] for ts in lists]
         ops._fused_adan_cuda_code_on_cpu_(*ours, **kw)
         ops.fused_adan_(*lists, **kw)
@@ -443,20 +458,15 @@ def test_both_kernels_write_only_inside_their_tensors(param_dtype, state_dtype):
     sizes = [1, 3, 4, 5, 17, 65535, 65536, 65537, 300001]
     for op in (ops.fused_adan_, ops._fused_adan_cuda_code_on_cpu_):
         for margin in (5, 8):
-            buffers, lists = [], []
-            for k in range(6):
-                dtype = param_dtype if k < 2 else state_dtype
-                bufs = [torch.full((n + 2 * margin,), -7.0, dtype=dtype) for n in sizes]
-                views = [b[margin:margin + n] for b, n in zip(bufs, sizes)]
-                for v in views:
-                    v.copy_(torch.randn(v.shape).abs() if k == 3 else torch.randn(v.shape))
-                buffers.append(bufs)
-                lists.append(views)
-            op(*lists, lr=1e-2, beta1=0.98, beta2=0.92, beta3=0.99, eps=1e-8, weight_decay=0.05,
-               no_prox=False, step=2.0, first=False, param_steps=[])
-            for bufs in buffers:
-                for b, n in zip(bufs, sizes):
-                    assert (b[:margin] == -7.0).all() and (b[margin + n:] == -7.0).all(), (op, margin, n)
+            buffers = []
+
+            def make(i, n, dtype):
+                buffers.append((torch.full((n + 2 * margin,), -7.0, dtype=dtype), n))
+                return buffers[-1][0][margin:margin + n]
+
+            op(*_op_lists(sizes, param_dtype, state_dtype, make), **OP_KW, step=2.0)
+            for b, n in buffers:
+                assert (b[:margin] == -7.0).all() and (b[margin + n:] == -7.0).all(), (op, margin, n)
 
 
 def test_portable_and_avx2_loops_agree(tmp_path):

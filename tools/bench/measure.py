@@ -166,14 +166,12 @@ class OpBytes(TorchDispatchMode):
         super().__init__()
         self.read = 0
         self.written = 0
-        self.ops = 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
         schema = func._schema
         name = schema.name.split("::")[-1]
-        self.ops += 1
         if name.startswith(_UNFILLED_FACTORIES):
             return out
         mutates = any(a.alias_info is not None and a.alias_info.is_write for a in schema.arguments)
