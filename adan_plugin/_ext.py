@@ -1,11 +1,12 @@
-"""Access to the compiled kernels in ``adan_plugin._C`` (built by setup.py).
+"""Access to the fused kernels: the compiled ones in ``adan_plugin._C`` (built by setup.py) and the
+Triton ones in ``adan_plugin.triton_adan`` (imported only when asked for), and the choice between them.
 
 Importing ``adan_plugin._C`` registers the ``torch.ops.adan_plugin`` custom
 ops.  Everything but the fused path works without it.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Dict, Optional, Sequence, Tuple
 
 import torch
 
@@ -63,3 +64,62 @@ def fused_supported(device: torch.device) -> bool:
     if device.type == "cuda":
         return bool(getattr(torch.ops.adan_plugin, "_has_cuda", lambda: False)())
     return False
+
+
+# ------------------------------------------------------------------------------------ fused backends
+FUSED_BACKENDS = ("cpu", "cuda", "triton")
+_triton_status: Dict[torch.device, Tuple[bool, str]] = {}
+
+
+def triton_supported(device: torch.device) -> Tuple[bool, str]:
+    """Whether the Triton kernels run on ``device`` (Triton importable, a device it supports), and if
+    not, why.  Imports triton on the first call only."""
+    if device not in _triton_status:
+        try:
+            from . import triton_adan
+        except Exception as err:  # not installed, or an install that fails to initialise
+            _triton_status[device] = (False, f"Triton is not importable ({type(err).__name__}: {err})")
+        else:
+            _triton_status[device] = triton_adan.supports(device)
+    return _triton_status[device]
+
+
+def select_fused_backend(device: torch.device, requested: Optional[str] = None,
+                         triton_lacks: Sequence[str] = ()) -> Tuple[Optional[str], str]:
+    """The fused backend that steps parameters on ``device``, or ``(None, why not)``.
+
+    ``requested`` (``Adan(fused_backend=...)``) forces one of FUSED_BACKENDS; ``None`` picks the
+    compiled kernels when built for the device, else the Triton kernels when Triton supports the device
+    (never for CPU tensors: there only an explicit ``"triton"`` runs them, in Triton's interpreter).
+    ``triton_lacks`` names the enabled options the Triton kernels do not implement."""
+    if requested in ("cpu", "cuda"):
+        if device.type != requested:
+            return None, f"fused_backend={requested!r} runs on {requested} tensors, not on {device}"
+        if not extension_loaded():
+            return None, f"{BUILD_HINT} (import error: {_load_error})"
+        if not fused_supported(device):
+            return None, "adan_plugin._C was built without its CUDA kernels (no CUDA toolkit at install time)"
+        return requested, ""
+    compiled_why = ""
+    if requested is None:
+        if device.type in ("cpu", "cuda") and fused_supported(device):
+            return device.type, ""
+        compiled_why = (f"{BUILD_HINT} (import error: {_load_error})" if not extension_loaded()
+                        else f"the fused kernels do not support parameters on {device}")
+        if device.type == "cpu":
+            return None, compiled_why
+    if triton_lacks:
+        why = f"the Triton kernels do not implement {', '.join(triton_lacks)}"
+    else:
+        ok, why = triton_supported(device)
+        if ok:
+            return "triton", ""
+    return None, f"{compiled_why}; Triton: {why}" if compiled_why else why
+
+
+def fused_op(backend: str) -> Callable:
+    """The op of a backend that ``select_fused_backend`` returned."""
+    if backend == "triton":
+        from . import triton_adan  # noqa: F401  (registers the op)
+        return torch.ops.adan_plugin.fused_adan_triton_
+    return torch.ops.adan_plugin.fused_adan_

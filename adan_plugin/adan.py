@@ -17,9 +17,9 @@ from .fused import fused_group_step
 
 _STATE_DTYPES = (None, torch.float32, torch.bfloat16, torch.float16)
 # Group keys that choose an execution path; load_state_dict keeps the current ones.
-_IMPL_KEYS = ("foreach", "fused", "state_dtype", "capturable")
+_IMPL_KEYS = ("foreach", "fused", "state_dtype", "capturable", "fused_backend")
 # Options that only the fused kernels implement (their "off" values are None/False).
-_FUSED_ONLY = ("state_dtype", "capturable", "skip_nonfinite")
+_FUSED_ONLY = ("state_dtype", "capturable", "skip_nonfinite", "fused_backend")
 # Options that act on all groups together, so they are set once per optimizer.
 _GLOBAL_KEYS = ("max_grad_norm", "skip_nonfinite")
 
@@ -41,6 +41,12 @@ def _check_hparams(group: Dict[str, Any]) -> None:
     for i, beta in enumerate(betas):
         if not isinstance(beta, (int, float)) or not 0.0 <= beta < 1.0:
             raise ValueError(f"Adan: invalid betas[{i}]={beta!r}; each beta must lie in [0, 1)")
+
+
+def _triton_lacks(group: Dict[str, Any]) -> List[str]:
+    """The options enabled in ``group`` that the Triton kernels do not implement."""
+    lacks = [k for k in ("caution", "kahan_sum") if group.get(k)]
+    return lacks + (["state_dtype='8bit'"] if group.get("state_dtype") == "8bit" else [])
 
 
 def _is_dense(t: Tensor) -> bool:
@@ -104,6 +110,11 @@ class Adan(Optimizer):
             parameters); ``None``: the parameter's dtype.  Math stays fp32.
         capturable: fused path only: keep the step count on the device so
             ``step()`` can be captured in a CUDA graph (see ``adan_plugin.fused``).
+        fused_backend: force one fused backend: ``"cpu"``/``"cuda"`` (the
+            compiled kernels) or ``"triton"`` (``adan_plugin.triton_adan``; CPU
+            tensors only under ``TRITON_INTERPRET=1``, a test facility).
+            ``None``: the compiled kernels when built for the device, else the
+            Triton ones on a GPU.  ``opt.fused_backends`` says what each group runs.
         skip_nonfinite: fused path only: when any gradient holds NaN or Inf,
             skip the whole step on the device (parameters, states and step
             count untouched), as GradScaler does for an overflow, and count it
@@ -135,12 +146,13 @@ class Adan(Optimizer):
         state_dtype: Optional[torch.dtype] = None,
         capturable: bool = False,
         skip_nonfinite: bool = False,
+        fused_backend: Optional[str] = None,
     ):
         defaults = dict(
             lr=lr, betas=tuple(betas) if isinstance(betas, list) else betas, eps=eps,
             weight_decay=weight_decay, max_grad_norm=max_grad_norm, no_prox=no_prox,
             caution=caution, foreach=foreach, fused=fused, state_dtype=state_dtype, capturable=capturable,
-            skip_nonfinite=skip_nonfinite,
+            skip_nonfinite=skip_nonfinite, fused_backend=fused_backend,
         )
         _check_hparams(defaults)
         if fused and foreach:
@@ -179,6 +191,13 @@ class Adan(Optimizer):
         """Options only the fused kernels implement, and the one they do not."""
         if group["state_dtype"] not in _STATE_DTYPES:
             raise ValueError(f"Adan: state_dtype must be one of {_STATE_DTYPES}, got {group['state_dtype']!r}")
+        if group["fused_backend"] not in (None,) + _ext.FUSED_BACKENDS:
+            raise ValueError(f"Adan: fused_backend must be None or one of {_ext.FUSED_BACKENDS}, "
+                             f"got {group['fused_backend']!r}")
+        lacks = _triton_lacks(group)
+        if group["fused_backend"] == "triton" and lacks:
+            raise ValueError(f"Adan: fused_backend='triton': the Triton kernels do not implement "
+                             f"{', '.join(lacks)}; use fused_backend=None or 'cuda'")
         fused_only = [k for k in _FUSED_ONLY if group[k] not in (None, False)]
         for key, value in (("fused", False), ("foreach", True)):
             if fused_only and group[key] is value:
@@ -203,7 +222,22 @@ class Adan(Optimizer):
             return False
         # The kernels take dense parameters only; a group holding a strided
         # view (timm's optimizer tests use one) steps on an unfused path.
-        return all(_ext.fused_supported(p.device) and _is_dense(p) for p in group["params"])
+        return all(_is_dense(p) for p in group["params"]) and all(
+            _ext.select_fused_backend(device, None, _triton_lacks(group))[0] is not None
+            for device in {p.device for p in group["params"]})
+
+    @property
+    def fused_backends(self) -> Tuple[Optional[str], ...]:
+        """Per group, the fused backend its step runs (``'cpu'``, ``'cuda'``, ``'triton'``; ``'cpu+triton'``
+        for a group spanning devices of two backends), or ``None`` for an unfused path."""
+        out = []
+        for group in self.param_groups:
+            names = set()
+            if self._uses_fused(group):
+                for device in {p.device for p in group["params"]}:
+                    names.add(_ext.select_fused_backend(device, group["fused_backend"], _triton_lacks(group))[0])
+            out.append("+".join(sorted(str(n) for n in names)) if names else None)
+        return tuple(out)
 
     @property
     def _step_supports_amp_scaling(self) -> bool:
@@ -212,12 +246,10 @@ class Adan(Optimizer):
         return all(self._uses_fused(group) for group in self.param_groups)
 
     def _check_fused_possible(self, group: Dict[str, Any]) -> None:
-        if not _ext.extension_loaded():
-            _ext.require_extension()
-        for p in group["params"]:
-            if not _ext.fused_supported(p.device):
-                raise RuntimeError(
-                    f"Adan(fused=True): the fused kernels do not support parameters on {p.device}")
+        for device in {p.device for p in group["params"]}:
+            backend, why = _ext.select_fused_backend(device, group["fused_backend"], _triton_lacks(group))
+            if backend is None:
+                raise RuntimeError(f"Adan(fused=True): no fused backend for parameters on {device}: {why}")
 
     def __getstate__(self) -> Dict[str, Any]:
         # Optimizer.__getstate__ keeps only defaults, state and groups; losing

@@ -56,6 +56,7 @@ def _fused_adan(
     found_inf: Optional[Tensor] = None,
     param_steps: Optional[List[Tensor]] = None,
     first: bool = False,
+    backend: Optional[str] = None,
 ) -> None:
     """Same contract as ``_single_tensor_adan``, plus:
 
@@ -66,6 +67,9 @@ def _fused_adan(
         count is 1 takes its first step (gradient difference zero).
     first: every parameter takes its first step; ``neg_pre_grads`` are then
         only written, never read.
+    backend: force a fused backend (``Adan(fused_backend=...)``); ``None``: the
+        compiled kernels when built for the device, else Triton's
+        (``_ext.select_fused_backend``).
 
     Unlike the unfused paths, ``neg_pre_grads`` need not be seeded with -g:
     first steps are known from ``step``/``param_steps``/``first``.
@@ -75,17 +79,23 @@ def _fused_adan(
         raise ValueError("Adan: the fused kernels do not implement caution=True; use fused=False")
     if not params:
         return
-    _ext.require_extension()
     step_tensor = step if isinstance(step, Tensor) else None
     host_step = 0.0 if step_tensor is not None else float(step)
     buckets: Dict[Any, List[int]] = {}
     for i, (p, m) in enumerate(zip(params, exp_avgs)):
         buckets.setdefault((p.device, p.dtype, m.dtype), []).append(i)
+    ops = {}
+    for device, _, _ in buckets:  # every bucket's backend settled before the first writes
+        if device not in ops:
+            name, why = _ext.select_fused_backend(device, backend)
+            if name is None:
+                raise RuntimeError(f"Adan(fused=True): no fused backend for parameters on {device}: {why}")
+            ops[device] = _ext.fused_op(name)
     for (device, _, _), idx in buckets.items():
         lists = [[ts[i] for i in idx] for ts in (params, grads, exp_avgs, exp_avg_sqs, exp_avg_diffs, neg_pre_grads)]
         if torch.is_complex(lists[0][0]):
             lists = [[torch.view_as_real(t) for t in ts] for ts in lists]
-        torch.ops.adan_plugin.fused_adan_(
+        ops[device](
             *lists,
             lr=float(lr), beta1=beta1, beta2=beta2, beta3=beta3, eps=eps, weight_decay=weight_decay,
             no_prox=bool(no_prox), step=host_step, first=bool(first),
@@ -147,7 +157,8 @@ def fused_group_step(optimizer, group: Dict[str, Any], params: List[Tensor], gra
     beta1, beta2, beta3 = group["betas"]
     hyper = dict(lr=group["lr"], beta1=beta1, beta2=beta2, beta3=beta3, eps=group["eps"],
                  weight_decay=group["weight_decay"], no_prox=group["no_prox"], caution=group["caution"],
-                 grad_coef=grad_coef, grad_scale=grad_scale, found_inf=found_inf)
+                 grad_coef=grad_coef, grad_scale=grad_scale, found_inf=found_inf,
+                 backend=group.get("fused_backend"))
     if device_mode:
         inc: Union[int, Tensor] = 1 if found_inf is None else 1 - _scalar_on(found_inf, step_t.device)
         step_t.add_(inc)

@@ -104,7 +104,7 @@ def evaluate_targets(rows: Sequence[Row], info: RunInfo) -> List[Target]:
 
     targets: List[Target] = []
     for model in dict.fromkeys(r.model for r in rows):
-        for variant in ("ours-fused", "ours-fused-bf16"):
+        for variant in ("ours-fused", "ours-fused-bf16", "ours-fused-triton"):
             r = get(model, variant)
             if r is None or r.largest_tensor_bytes == 0:
                 continue
@@ -147,6 +147,22 @@ def evaluate_targets(rows: Sequence[Row], info: RunInfo) -> List[Target]:
                                   f"{fused.gbps():.0f} / {info.copy_gbps:.0f} GB/s = {pct:.1f}%"))
         else:
             targets.append(Target(text, "not evaluated", missing(("gpt2-2048", "ours-fused"))))
+        triton, cuda, adamw = (get("gpt2-2048", v) for v in ("ours-fused-triton", "ours-fused", "adamw-fused"))
+        text = "GPU, gpt2-2048 shapes: ours Triton kernel within 10% of our CUDA kernel ms/step"
+        if triton and cuda:
+            ratio = triton.ms / cuda.ms
+            targets.append(Target(text, "met" if ratio <= 1.10 else "not met",
+                                  f"{triton.ms:.2f} / {cuda.ms:.2f} ms = {ratio:.2f}×"))
+        else:
+            targets.append(Target(text, "not evaluated",
+                                  missing(("gpt2-2048", "ours-fused-triton"), ("gpt2-2048", "ours-fused"))))
+        text = "GPU, gpt2-2048 shapes: ours Triton kernel ≥ torch AdamW(fused=True) in GB/s (per byte moved)"
+        if triton and adamw:
+            targets.append(Target(text, "met" if triton.gbps() >= adamw.gbps() else "not met",
+                                  f"{triton.gbps():.0f} vs {adamw.gbps():.0f} GB/s"))
+        else:
+            targets.append(Target(text, "not evaluated",
+                                  missing(("gpt2-2048", "ours-fused-triton"), ("gpt2-2048", "adamw-fused"))))
         for model in ("gpt2-1536", "gpt2-2048"):
             bf16, adamw = get(model, "ours-fused-bf16"), get(model, "adamw-fused")
             text = f"GPU, {model} shapes: ours fused bf16 state no slower than torch AdamW(fused=True) fp32"

@@ -30,7 +30,11 @@ def _ours(**kw):
         from adan_plugin import Adan
         from adan_plugin import _ext
 
-        if kw.get("fused"):
+        if kw.get("fused_backend") == "triton":
+            backend, why = _ext.select_fused_backend(params[0].device, "triton")
+            if backend is None:
+                raise Unavailable(why)
+        elif kw.get("fused"):
             if not _ext.extension_loaded():
                 raise Unavailable(f"extension not built: {_ext.load_error()}")
             if not _ext.fused_supported(params[0].device):
@@ -72,6 +76,7 @@ def _adamw(**kw):
 VARIANTS: Dict[str, Variant] = {v.name: v for v in [
     Variant("ours-fused", "ours fused (fp32 state)", _ours(fused=True)),
     Variant("ours-fused-bf16", "ours fused (bf16 state)", _ours(fused=True, state_dtype=torch.bfloat16)),
+    Variant("ours-fused-triton", "ours fused, Triton kernel (fp32 state)", _ours(fused=True, fused_backend="triton")),
     Variant("ours-foreach", "ours foreach", _ours(fused=False, foreach=True)),
     Variant("ours-single", "ours single-tensor", _ours(fused=False, foreach=False)),
     Variant("ours-foreach-compiled", "ours foreach, torch.compile", _ours(fused=False, foreach=True),
