@@ -93,8 +93,9 @@ class Adan(Optimizer):
         caution: timm's "Cautious Optimizers" masking of the momentum term.
         foreach: use the ``torch._foreach_*`` path; ``None`` picks the faster
             path for the device (single-tensor on CPU, foreach on GPU).
-        fused: use the compiled kernels; ``None`` uses them when built and
-            supported for the parameters' device.
+        fused: use the fused kernels (compiled, or Triton's on a GPU; see
+            ``fused_backend``); ``None`` uses them when available for the
+            parameters' device.
         clip_process_group: for sharded optimizers (torch's
             ``ZeroRedundancyOptimizer``), where this optimizer holds only this
             rank's share of the model: ``'world'``, a group's name

@@ -149,6 +149,7 @@ def test_train_mm_resumes_from_the_command_line(one_epoch, digits_root, tmp_path
                "--resume", str(first_dir / "epoch_1.pth"), "--cfg-options", "train_cfg.max_epochs=2"],
               cwd=str(tmp_path), digits_root=digits_root)
     assert "resumed epoch: 1, iter: 23" in out
+    assert "optimizer fused backends: (" in out  # logged once, before the optimizer's state is resumed
     assert osp.exists(tmp_path / "epoch_2.pth")
 
 

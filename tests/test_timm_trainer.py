@@ -91,6 +91,7 @@ def test_log_shows_throughput_eta_and_final_top1(runs):
     log = runs["two_log"]
     assert "img/s" in log and "ETA epoch" in log and "total" in log
     assert "final top-1:" in log and "embedded digits" in log
+    assert "fused backends (" in log
 
 
 def test_output_folder_args_and_checkpoints(runs):

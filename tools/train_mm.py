@@ -116,6 +116,10 @@ def main() -> None:
     add_zero_checkpoint_hook(cfg)
 
     runner = Runner.from_cfg(cfg) if "runner_type" not in cfg else RUNNERS.build(cfg)
+    if runner.optim_wrapper is not None:  # built before train() (which keeps it) to log the fused backends once
+        runner.optim_wrapper = runner.build_optim_wrapper(runner.optim_wrapper)
+        optimizer = getattr(runner.optim_wrapper, "optimizer", None)
+        runner.logger.info(f"optimizer fused backends: {getattr(optimizer, 'fused_backends', 'n/a')}")
     with mmengine_safe_globals():
         runner.train()
     # mmengine leaves the process group alive; a gloo group torn down by the

@@ -172,7 +172,8 @@ def train(args) -> Dict[str, Any]:
         # a resumed run keeps the rows before its start and rewrites the rest
         rows = [r for r in read_summary(os.path.join(output_dir, "summary.csv")) if int(r["epoch"]) < start_epoch]
     log(args, f"model {args.model} ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params), "
-              f"optimizer {type(optimizer).__name__} ({args.opt}), {num_epochs} epochs "
+              f"optimizer {type(optimizer).__name__} ({args.opt}, fused backends "
+              f"{getattr(optimizer, 'fused_backends', 'n/a')}), {num_epochs} epochs "
               f"({args.epochs} + {args.cooldown_epochs} cooldown), global batch "
               f"{args.batch_size * args.world_size * accum}, {len(dataset_train)} train / {len(dataset_eval)} val "
               f"images, device {device}, output {output_dir}")
