@@ -126,6 +126,19 @@ def test_op_checks_before_writing():
     assert torch.equal(p, p0) and not m.any()
 
 
+def test_launcher_allocates_no_parameter_sized_temporaries():
+    size = C  # 64 KiB per fp32 tensor; the launcher's tables are a few hundred bytes
+    params = [torch.nn.Parameter(torch.randn(size)) for _ in range(3)]
+    for p in params:
+        p.grad = torch.randn_like(p)
+    opt = Adan(params, max_grad_norm=1.0, **_triton())
+    opt.step()  # creates the state
+    opt.grad_scale, opt.found_inf = torch.tensor(2.0), torch.tensor(0.0)  # device-step mode, scalars too
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+        opt.step()
+    assert [e.cpu_memory_usage for e in prof.events() if e.cpu_memory_usage >= size * 4] == []
+
+
 # ---------------------------------------------------------------- the optimizer on the Triton backend
 @pytest.mark.parametrize("clip", [None, "binding"])
 def test_adan_on_triton_matches_reference(clip):
