@@ -19,12 +19,15 @@ generated kernel; a table keeps one hand-written kernel for any number of tensor
 tables is host work plus a host-to-device copy, so they are cached, keyed by every address and size
 they hold, and rebuilt only when the tensor set changes (new state, a checkpoint load, gradients
 reallocated at new addresses).  The copy comes from pinned memory with ``non_blocking=True``: the host
-never waits, and a step captured in a CUDA graph after a warm-up step reuses the cached tables.  The
-cache holds ``_CACHE_SIZE`` plans (one per parameter bucket and first-step split of a group).
+never waits, and a step captured in a CUDA graph after a warm-up step (which also JIT-compiles the
+kernel) reuses the cached tables (reasoned, not run: no GPU here).  The cache holds ``_CACHE_SIZE``
+plans (one per parameter bucket and first-step split of a group).  What stays per step on the host is
+checking every tensor (as the C++ op does, here in Python) and the cache key.
 
-The tables hide the pointers from the compiler, so the op is an opaque ``torch.library.custom_op`` with
-declared mutations and a fake implementation (``torch.compile`` traces a step around it, as it does
-the C++ op), not ``torch.library.triton_op``, whose mutation analysis sees only kernel arguments.
+The tables hide the pointers from the compiler, so the op is opaque: a ``torch.library`` op with the
+C++ op's schema (declared mutations; ``torch.library.custom_op`` refuses keyword-only tensors) and a fake
+implementation, which ``torch.compile`` traces around as it does the C++ op; not
+``torch.library.triton_op``, whose mutation analysis sees only kernel arguments.
 
 Tensors whose six addresses are all 16-byte aligned (every tensor the caching allocator hands out)
 run in a launch compiled with alignment hints (16-byte vector loads); the others in a launch
