@@ -262,6 +262,9 @@ def test_fused_none_never_picks_triton_on_cpu():
     p = torch.nn.Parameter(torch.randn(3))
     assert Adan([p]).fused_backends == (("cpu",) if _ext.extension_loaded() else (None,))
     assert Adan([p], fused=False).fused_backends == (None,)
+    if _ext.extension_loaded():
+        assert Adan([p], fused_backend="cpu").fused_backends == ("cpu",)
+    assert Adan([p], fused_backend="triton").fused_backends == ("triton",)
 
 
 @pytest.mark.parametrize("kwargs,error,match", [
