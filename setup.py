@@ -77,7 +77,8 @@ def _extensions():
     with_cuda = os.environ.get("FORCE_CUDA", "0") == "1" or (torch.version.cuda is not None and cuda_home)
     if os.environ.get("ADAN_NO_CUDA", "0") == "1":
         with_cuda = False
-    sources = [os.path.join(CSRC, f) for f in ("adan_ops.cpp", "adan_cpu.cpp", "adan_cpu_avx2.cpp", "adan_cuda_on_cpu.cpp")]
+    sources = [os.path.join(CSRC, f) for f in ("adan_ops.cpp", "adan_cpu.cpp", "adan_cpu_avx2.cpp", "adan_cpu_avx512.cpp",
+                                                  "adan_cpu_avx512_bf16.cpp", "adan_cuda_on_cpu.cpp")]
     # -fopenmp: at::parallel_for is inline and runs serially unless the
     # extension itself is compiled with OpenMP (torch's CPU build uses it).
     # GOMP symbols then resolve against the libgomp that libtorch_cpu loads.

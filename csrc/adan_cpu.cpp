@@ -1,12 +1,14 @@
 // CPU kernel of adan_plugin::fused_adan_: at::parallel_for over fixed-size
 // chunks of all tensors (so one huge tensor and a thousand tiny ones both
 // spread over the cores); inside a chunk, the Vectorized<float> loop of
-// adan_cpu_kernel.h, in its AVX2 build when the CPU has AVX2/FMA/F16C.
+// adan_cpu_kernel.h, in the best build the CPU can run (cpu_isa()).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
+#include <algorithm>
 #include <cstdlib>
 #include <string>
+#include <utility>
 #include <vector>
 
 #define ADAN_CPU_NS base
@@ -18,19 +20,46 @@ namespace {
 
 constexpr int64_t kChunk = 16384;  // elements per parallel work item
 
-bool use_avx2() {
+// The builds of adan_cpu_kernel.h, weakest first; each needs the
+// instructions of those before it.
+enum class CpuIsa { kBase, kAvx2, kAvx512, kAvx512Bf16 };
+constexpr const char* kIsaNames[] = {"base", "avx2", "avx512", "avx512_bf16"};
+using UpdateRange = void (*)(const CpuTensor&, int64_t, int64_t, const AdanCoeffs&, CpuDtype, CpuDtype);
+constexpr UpdateRange kIsaUpdate[] = {&base::update_range, &avx2::update_range, &avx512::update_range,
+                                      &avx512_bf16::update_range};
+
+// The best build this CPU (and OS: __builtin_cpu_supports checks that the
+// AVX/AVX-512 register state is enabled) can run.
+CpuIsa best_cpu_isa() {
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
-  static const bool ok = [] {
-    // ADAN_PLUGIN_CPU_ISA=base forces the portable loop (tests compare the two).
-    const char* isa = std::getenv("ADAN_PLUGIN_CPU_ISA");
-    if (isa != nullptr && std::string(isa) == "base") return false;
-    __builtin_cpu_init();
-    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
-  }();
-  return ok;
+  __builtin_cpu_init();
+  if (!(__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c")))
+    return CpuIsa::kBase;
+  if (!(__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+        __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl")))
+    return CpuIsa::kAvx2;
+  return __builtin_cpu_supports("avx512bf16") ? CpuIsa::kAvx512Bf16 : CpuIsa::kAvx512;
 #else
-  return false;
+  return CpuIsa::kBase;
 #endif
+}
+
+// Picked once per process, like ATen's own CPU kernels: the best build, or at
+// most the one ADAN_PLUGIN_CPU_ISA names (base|avx2|avx512|avx512_bf16; tests
+// use it to compare the builds).  A build the CPU cannot run is never picked;
+// an unknown name is an error (raised by every fused step, before any write).
+CpuIsa cpu_isa() {
+  static const std::pair<CpuIsa, std::string> picked = []() -> std::pair<CpuIsa, std::string> {
+    const CpuIsa best = best_cpu_isa();
+    const char* env = std::getenv("ADAN_PLUGIN_CPU_ISA");
+    if (env == nullptr || *env == '\0') return {best, ""};
+    for (int i = 0; i <= static_cast<int>(CpuIsa::kAvx512Bf16); ++i)
+      if (std::string(env) == kIsaNames[i]) return {std::min(best, static_cast<CpuIsa>(i)), ""};
+    return {best, std::string("ADAN_PLUGIN_CPU_ISA='") + env +
+                      "' is not one of base, avx2, avx512, avx512_bf16 (or unset: the best this CPU has)"};
+  }();
+  TORCH_CHECK(picked.second.empty(), "adan_plugin: ", picked.second);
+  return picked.first;
 }
 
 CpuDtype cpu_dtype(at::ScalarType t) {
@@ -49,9 +78,12 @@ float read_scalar(const c10::optional<at::Tensor>& t, float fallback) {
 
 }  // namespace
 
+std::string cpu_isa_name() { return kIsaNames[static_cast<int>(cpu_isa())]; }
+
 void fused_adan_cpu(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
                     at::TensorList exp_avg_sqs, at::TensorList exp_avg_diffs, at::TensorList neg_pre_grads,
                     const AdanCall& call) {
+  const UpdateRange update = kIsaUpdate[static_cast<int>(cpu_isa())];
   if (read_scalar(call.found_inf, 0.0f) != 0.0f) return;  // AMP overflow: the step does not happen
   const double step = call.step_tensor.has_value() ? static_cast<double>(read_scalar(call.step_tensor, 0.0f))
                                                    : call.step;
@@ -77,7 +109,6 @@ void fused_adan_cpu(at::TensorList params, at::TensorList grads, at::TensorList 
   }
   if (chunks.empty()) return;
 
-  const auto update = use_avx2() ? &avx2::update_range : &base::update_range;
   at::parallel_for(0, static_cast<int64_t>(chunks.size()), 1, [&](int64_t lo, int64_t hi) {
     for (int64_t k = lo; k < hi; ++k) {
       const CpuTensor& t = tensors[chunks[k].first];

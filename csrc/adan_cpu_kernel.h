@@ -1,9 +1,11 @@
 // The CPU inner loop of fused_adan_, compiled once per instruction set:
-// adan_cpu.cpp includes it as the portable build (namespace `base`), and
-// adan_cpu_avx2.cpp as the AVX2+FMA+F16C build (namespace `avx2`), picked at
-// run time.  Everything defined here lives in those namespaces or depends on
-// the CPU_CAPABILITY-namespaced Vectorized types, so the two builds never
-// share (ODR-merge) a function.
+// adan_cpu.cpp includes it as the portable build (namespace `base`),
+// adan_cpu_avx2.cpp as the AVX2+FMA+F16C build (`avx2`), adan_cpu_avx512.cpp
+// as the AVX-512 builds (`avx512`, and `avx512_bf16` with ADAN_CPU_NATIVE_BF16),
+// picked at run time.  Everything defined here lives in those namespaces or
+// depends on the CPU_CAPABILITY-namespaced Vectorized types, so the builds
+// never share (ODR-merge) a function.  A storage type gets every build by
+// specialising Io<T> (or update_range_t) here or in a header included here.
 #pragma once
 
 #ifndef ADAN_CPU_NS
@@ -53,6 +55,31 @@ struct Io {
   }
 };
 
+#ifdef ADAN_CPU_NATIVE_BF16
+// AVX512-BF16: one vcvtne2ps2bf16 rounds 32 floats (round to nearest even, as
+// ATen's integer sequence does, which the plain AVX-512 build keeps); unlike
+// that sequence it reads and writes subnormals as zero (DAZ/FTZ), a change
+// below 1.2e-38 in absolute value.
+template <>
+struct Io<c10::BFloat16> {
+  static_assert(kW == 16, "AVX-512 build");
+  static C10_ALWAYS_INLINE __mmask32 tail(int64_t n) { return static_cast<__mmask32>((1ULL << n) - 1); }
+  static C10_ALWAYS_INLINE void load(const c10::BFloat16* ptr, int64_t n, fVec& a, fVec& b) {
+    const __m512i v = n >= 2 * kW ? _mm512_loadu_si512(ptr) : _mm512_maskz_loadu_epi16(tail(n), ptr);
+    a = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_castsi512_si256(v)), 16));
+    b = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_extracti64x4_epi64(v, 1)), 16));
+  }
+  static C10_ALWAYS_INLINE void store(c10::BFloat16* ptr, int64_t n, const fVec& a, const fVec& b) {
+    const __m512i v = reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(b, a));  // a in the low half
+    if (n >= 2 * kW) {
+      _mm512_storeu_si512(ptr, v);
+    } else {
+      _mm512_mask_storeu_epi16(ptr, tail(n), v);
+    }
+  }
+};
+#endif
+
 template <>
 struct Io<float> {
   static C10_ALWAYS_INLINE void load(const float* ptr, int64_t n, fVec& a, fVec& b) {
@@ -75,30 +102,50 @@ struct Io<float> {
   }
 };
 
-template <typename P, typename S>
-void update_range_t(const CpuTensor& t, int64_t begin, int64_t end, const AdanCoeffs& c) {
+// 2*kW elements (cnt of them at a tensor's end) of one tensor.
+template <typename P, typename S, bool kFirst>
+C10_ALWAYS_INLINE void update_block(P* p, const P* g, S* m, S* n, S* d, S* neg, int64_t cnt, const AdanCoeffs& c) {
+  fVec p0, p1, g0, g1, m0, m1, n0, n1, d0, d1, e0, e1;
+  Io<P>::load(p, cnt, p0, p1);
+  Io<P>::load(g, cnt, g0, g1);
+  Io<S>::load(m, cnt, m0, m1);
+  Io<S>::load(n, cnt, n0, n1);
+  Io<S>::load(d, cnt, d0, d1);
+  Io<S>::load(neg, cnt, e0, e1);
+  adan_update(p0, g0, m0, n0, d0, e0, c, kFirst);
+  adan_update(p1, g1, m1, n1, d1, e1, c, kFirst);
+  Io<P>::store(p, cnt, p0, p1);
+  Io<S>::store(m, cnt, m0, m1);
+  Io<S>::store(n, cnt, n0, n1);
+  Io<S>::store(d, cnt, d0, d1);
+  Io<S>::store(neg, cnt, e0, e1);
+}
+
+// `first` as a template argument folds the per-vector select away; full
+// blocks (constant count: no tail tests) then one partial block; the
+// coefficients copied to a local, which the stores cannot alias, so their
+// broadcasts stay in registers instead of being reloaded every iteration.
+template <typename P, typename S, bool kFirst>
+C10_ALWAYS_INLINE void update_loop(const CpuTensor& t, int64_t begin, int64_t end, const AdanCoeffs& coeffs) {
+  const AdanCoeffs c = coeffs;
   P* p = static_cast<P*>(t.p);
   const P* g = static_cast<const P*>(t.g);
   S* m = static_cast<S*>(t.m);
   S* n = static_cast<S*>(t.n);
   S* d = static_cast<S*>(t.d);
   S* neg = static_cast<S*>(t.neg);
-  for (int64_t i = begin; i < end; i += 2 * kW) {
-    const int64_t cnt = std::min<int64_t>(2 * kW, end - i);
-    fVec p0, p1, g0, g1, m0, m1, n0, n1, d0, d1, e0, e1;
-    Io<P>::load(p + i, cnt, p0, p1);
-    Io<P>::load(g + i, cnt, g0, g1);
-    Io<S>::load(m + i, cnt, m0, m1);
-    Io<S>::load(n + i, cnt, n0, n1);
-    Io<S>::load(d + i, cnt, d0, d1);
-    Io<S>::load(neg + i, cnt, e0, e1);
-    adan_update(p0, g0, m0, n0, d0, e0, c, t.first);
-    adan_update(p1, g1, m1, n1, d1, e1, c, t.first);
-    Io<P>::store(p + i, cnt, p0, p1);
-    Io<S>::store(m + i, cnt, m0, m1);
-    Io<S>::store(n + i, cnt, n0, n1);
-    Io<S>::store(d + i, cnt, d0, d1);
-    Io<S>::store(neg + i, cnt, e0, e1);
+  int64_t i = begin;
+  for (; i + 2 * kW <= end; i += 2 * kW)
+    update_block<P, S, kFirst>(p + i, g + i, m + i, n + i, d + i, neg + i, 2 * kW, c);
+  if (i < end) update_block<P, S, kFirst>(p + i, g + i, m + i, n + i, d + i, neg + i, end - i, c);
+}
+
+template <typename P, typename S>
+void update_range_t(const CpuTensor& t, int64_t begin, int64_t end, const AdanCoeffs& c) {
+  if (t.first) {
+    update_loop<P, S, true>(t, begin, end, c);
+  } else {
+    update_loop<P, S, false>(t, begin, end, c);
   }
 }
 

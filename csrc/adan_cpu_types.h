@@ -16,12 +16,17 @@ struct CpuTensor {
   bool first;
 };
 
-// One range [begin, end) of one tensor, per instruction set.
-namespace base {
-void update_range(const CpuTensor& t, int64_t begin, int64_t end, const AdanCoeffs& c, CpuDtype p, CpuDtype s);
-}
-namespace avx2 {
-void update_range(const CpuTensor& t, int64_t begin, int64_t end, const AdanCoeffs& c, CpuDtype p, CpuDtype s);
-}
+// One range [begin, end) of one tensor, per instruction set (adan_cpu.cpp
+// picks one at run time; each is adan_cpu_kernel.h compiled for that set).
+#define ADAN_CPU_DECLARE_UPDATE_RANGE(ns)                                                                \
+  namespace ns {                                                                                         \
+  void update_range(const CpuTensor& t, int64_t begin, int64_t end, const AdanCoeffs& c, CpuDtype p,     \
+                    CpuDtype s);                                                                         \
+  }
+ADAN_CPU_DECLARE_UPDATE_RANGE(base)         // portable (ATen's default Vectorized)
+ADAN_CPU_DECLARE_UPDATE_RANGE(avx2)         // AVX2 + FMA + F16C
+ADAN_CPU_DECLARE_UPDATE_RANGE(avx512)       // AVX512 F/BW/DQ/VL (+ the AVX2 set)
+ADAN_CPU_DECLARE_UPDATE_RANGE(avx512_bf16)  // the same + AVX512-BF16 conversions
+#undef ADAN_CPU_DECLARE_UPDATE_RANGE
 
 }  // namespace adan_plugin

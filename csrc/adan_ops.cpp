@@ -151,6 +151,8 @@ TORCH_LIBRARY(adan_plugin, m) {
   // Tests only: the CUDA kernel's code on CPU tensors (see adan_cuda_on_cpu.cpp).
   m.def(("_fused_adan_cuda_code_on_cpu_" + args).c_str());
   m.def("_has_cuda() -> bool", &adan_plugin::has_cuda);
+  // Tests only: the build of the CPU loop this process runs (ADAN_PLUGIN_CPU_ISA caps it).
+  m.def("_cpu_isa() -> str", &adan_plugin::cpu_isa_name);
   m.def("_cuda_launch_plan(int[] numels) -> int[]", &adan_plugin::cuda_launch_plan);
 }
 

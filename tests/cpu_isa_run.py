@@ -1,0 +1,50 @@
+"""Worker for tests/test_fused.py's CPU-build tests, run in a subprocess because the build of the CPU loop is
+picked once per process (``ADAN_PLUGIN_CPU_ISA`` caps it).
+
+``python cpu_isa_run.py OUT``: two steps of ``fused_adan_`` (a first step, then a later one with a clip
+coefficient) for every parameter/state dtype pair, on tensors of sizes around the vector widths (8 and 16
+fp32 lanes, two vectors per iteration) and the 16384-element chunk, each a window into a buffer that starts
+at the buffer's (64-byte aligned) start or 3 elements in, with sentinels around it. Saves the build's name
+and every whole buffer (window and sentinels) to OUT; the same seed gives every build the same inputs."""
+import sys
+
+import torch
+
+import adan_plugin._C  # noqa: F401  (registers the ops)
+
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+SIZES = (1, 2, 7, 8, 9, 15, 16, 17, 31, 32, 33, 47, 63, 64, 65, 100, 16383, 16384, 16385, 40001)
+OFFSETS = (0, 3)
+SENTINEL = -7.0
+TAIL = 5  # sentinel elements after each window
+KW = dict(lr=1e-2, beta1=0.98, beta2=0.92, beta3=0.99, eps=1e-8, weight_decay=0.05, no_prox=False, param_steps=[])
+
+
+def main(out_path):
+    ops = torch.ops.adan_plugin
+    gen = torch.Generator().manual_seed(0)
+    results = {}
+    for pd in DTYPES:
+        for sd in DTYPES:
+            for offset in OFFSETS:
+                buffers, lists = [], []
+                for k in range(6):
+                    ts = []
+                    for n in SIZES:
+                        buf = torch.full((offset + n + TAIL,), SENTINEL, dtype=pd if k < 2 else sd)
+                        window = buf[offset:offset + n]
+                        window.copy_(torch.randn(n, generator=gen).abs() if k == 3 else torch.randn(n, generator=gen))
+                        buffers.append(buf)
+                        ts.append(window)
+                    lists.append(ts)
+                ops.fused_adan_(*lists, **KW, step=1.0, first=True)
+                for g in lists[1]:
+                    g.copy_(torch.randn(g.shape, generator=gen))
+                ops.fused_adan_(*lists, **KW, step=2.0, first=False, grad_coef=torch.tensor(0.5))
+                results[(str(pd), str(sd), offset)] = buffers
+    torch.save({"isa": ops._cpu_isa(), "results": results, "offsets": OFFSETS, "sizes": SIZES, "tail": TAIL,
+                "sentinel": SENTINEL}, out_path)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
