@@ -27,6 +27,9 @@ def extension_loaded() -> bool:
     if _loaded is None:
         try:
             from . import _C  # noqa: F401  (registers torch.ops.adan_plugin)
+            # Raises RuntimeError on a bad ADAN_PLUGIN_CPU_ISA, so an optimizer
+            # refuses it when it is built rather than in the middle of a step.
+            torch.ops.adan_plugin._cpu_isa()
             _register_fake()
             _loaded = True
         except (ImportError, OSError) as err:

@@ -550,20 +550,32 @@ def test_cpu_build_dispatch_picks_the_best_and_obeys_the_override():
         proc = _run_python(code, isa)
         assert proc.returncode == 0, proc.stderr
         assert proc.stdout.strip() == isas[-1], (isa, proc.stdout)
-    # A name that is not a build: the step refuses it, naming the variable, and writes nothing.
-    code = ("import torch, adan_plugin._C\n"
+    # A name that is not a build: refused (naming the variable) when a fused optimizer is built, when an
+    # optimizer that may use the kernels first steps (before it writes anything), and by the op itself.
+    code = ("import torch, adan_plugin\n"
+            "p = torch.nn.Parameter(torch.ones(40))\n"
+            "p.grad = torch.ones(40)\n"
+            "for fused in (True, None):\n"
+            "    try:\n"
+            "        opt = adan_plugin.Adan([p], fused=fused)\n"
+            "        opt.step()\n"
+            "    except RuntimeError as e:\n"
+            "        print('optimizer refused:', e)\n"
+            "assert not opt.state and bool((p == 1).all())\n"
             "ts = [[torch.ones(40)] for _ in range(6)]\n"
             "kw = dict(lr=1e-2, beta1=0.02, beta2=0.08, beta3=0.01, eps=1e-8, weight_decay=0.0, no_prox=False,\n"
             "          step=1.0, first=True, param_steps=[])\n"
             "try:\n"
             "    torch.ops.adan_plugin.fused_adan_(*ts, **kw)\n"
             "except RuntimeError as e:\n"
-            "    print('refused:', e)\n"
+            "    print('op refused:', e)\n"
             "print('untouched' if all(bool((t[0] == 1).all()) for t in ts) else 'written')\n")
     proc = _run_python(code, "avx9")
     assert proc.returncode == 0, proc.stderr
-    assert "refused:" in proc.stdout and "ADAN_PLUGIN_CPU_ISA='avx9'" in proc.stdout, proc.stdout
-    assert proc.stdout.strip().endswith("untouched"), proc.stdout
+    lines = proc.stdout.strip().splitlines()
+    assert len(lines) == 4 and lines[-1] == "untouched", proc.stdout
+    for line, who in zip(lines, ("optimizer", "optimizer", "op")):
+        assert line.startswith(f"{who} refused:") and "ADAN_PLUGIN_CPU_ISA='avx9'" in line, proc.stdout
 
 
 def test_step_allocates_no_parameter_sized_temporaries():
