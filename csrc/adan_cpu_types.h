@@ -3,6 +3,7 @@
 #pragma once
 
 #include <cstdint>
+#include <string>
 
 namespace adan_plugin {
 
@@ -28,5 +29,10 @@ ADAN_CPU_DECLARE_UPDATE_RANGE(avx2)         // AVX2 + FMA + F16C
 ADAN_CPU_DECLARE_UPDATE_RANGE(avx512)       // AVX512 F/BW/DQ/VL (+ the AVX2 set)
 ADAN_CPU_DECLARE_UPDATE_RANGE(avx512_bf16)  // the same + AVX512-BF16 conversions
 #undef ADAN_CPU_DECLARE_UPDATE_RANGE
+
+// Which build fused_adan_cpu runs ("base", "avx2", "avx512", "avx512_bf16"):
+// the best the CPU has, capped by ADAN_PLUGIN_CPU_ISA (adan_cpu.cpp); test op
+// `_cpu_isa`.  Raises on an ADAN_PLUGIN_CPU_ISA that names no build.
+std::string cpu_isa_name();
 
 }  // namespace adan_plugin

@@ -7,6 +7,7 @@
 
 #include <string>
 
+#include "adan_cpu_types.h"
 #include "adan_launch_plan.h"
 #include "adan_ops.h"
 

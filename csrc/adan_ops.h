@@ -5,8 +5,6 @@
 #include <ATen/core/Tensor.h>
 #include <c10/util/Optional.h>
 
-#include <string>
-
 #include "adan_math.h"
 
 namespace adan_plugin {
@@ -29,10 +27,6 @@ struct AdanCall {
 void check_fused_adan_args(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
                            at::TensorList exp_avg_sqs, at::TensorList exp_avg_diffs,
                            at::TensorList neg_pre_grads, const AdanCall& call);
-
-// Which build of the CPU loop fused_adan_cpu runs ("base", "avx2", "avx512",
-// "avx512_bf16"; adan_cpu.cpp); test op `_cpu_isa`.
-std::string cpu_isa_name();
 
 void fused_adan_cpu(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
                     at::TensorList exp_avg_sqs, at::TensorList exp_avg_diffs,
