@@ -14,20 +14,32 @@ slot with gloo:
 run follows the single-process one (same data order, same clipped update).
 ``--save DIR`` / ``--resume DIR`` write and read a checkpoint the way each
 strategy needs it (rank-0 file, ZeRO's consolidate_state_dict, or
-torch.distributed.checkpoint for FSDP2).
+torch.distributed.checkpoint for FSDP2).  Loading reads data only: tensors and
+plain values (``torch.load(weights_only=True)``; for FSDP2 DCP's metadata through
+an allow-list, :mod:`adan_plugin.distributed_checkpoint`), so a checkpoint cannot
+run code.  A checkpoint without optimizer state is refused unless
+``--allow-fresh-optimizer-state`` says to start the moments from zero.  User
+errors exit with status 2.
 """
 from __future__ import annotations
 
 import argparse
 import os
+import sys
 import time
+import warnings
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
 from adan_plugin import Adan
+from adan_plugin.checkpoint import CheckpointError, load_checkpoint, missing_optimizer_state, save_checkpoint
 from adan_plugin.data import digits_tensors
+
+
+class UsageError(Exception):
+    """A user error: reported as ``train_distributed.py: error: ...`` with exit status 2."""
 
 
 def parse_args(argv=None):
@@ -41,6 +53,8 @@ def parse_args(argv=None):
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--save", help="write a checkpoint here at the end")
     parser.add_argument("--resume", help="continue from a checkpoint written with --save")
+    parser.add_argument("--allow-fresh-optimizer-state", action="store_true",
+                        help="resume from a checkpoint without optimizer state (moments restart from zero)")
     return parser.parse_args(argv)
 
 
@@ -99,46 +113,77 @@ def save(args, rank, model, module, opt, epoch):
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import get_state_dict
         msd, osd = get_state_dict(module, opt)
-        dcp.save({"model": msd, "optim": osd, "epoch": epoch}, checkpoint_id=args.save)
+        # the epoch as a tensor: a non-tensor item would be pickled
+        dcp.save({"model": msd, "optim": osd, "epoch": torch.tensor(epoch)}, checkpoint_id=args.save)
         return
     if args.strategy == "zero" and dist.is_initialized():
         opt.consolidate_state_dict(to=0)  # a collective: every rank calls it
     if rank == 0:
         os.makedirs(args.save, exist_ok=True)
-        torch.save({"model": module.state_dict(), "optim": opt.state_dict(), "epoch": epoch},
-                   os.path.join(args.save, "checkpoint.pt"))
+        save_checkpoint({"model": module.state_dict(), "optim": opt.state_dict(), "epoch": epoch},
+                        os.path.join(args.save, "checkpoint.pt"))
     if dist.is_initialized():
         dist.barrier()
+
+
+def _epoch(value, path) -> int:
+    if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.is_floating_point():
+        value = int(value)
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise UsageError(f"checkpoint {path!r}: 'epoch' must be a non-negative integer, got {value!r}")
+    return value
 
 
 def resume(args, model, module, opt) -> int:
     """Load ``args.resume``; return the number of epochs already done."""
     if args.strategy == "fsdp2" and dist.is_initialized():
-        import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+        from adan_plugin.distributed_checkpoint import load_distributed_checkpoint
         msd, osd = get_state_dict(module, opt)
-        state = {"model": msd, "optim": osd, "epoch": 0}
-        dcp.load(state, checkpoint_id=args.resume)
+        state = {"model": msd, "optim": osd, "epoch": torch.tensor(0)}
+        load_distributed_checkpoint(state, args.resume)
         set_state_dict(module, opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
-        return int(state["epoch"])
-    saved = torch.load(os.path.join(args.resume, "checkpoint.pt"), map_location="cpu", weights_only=True)
-    module.load_state_dict(saved["model"])
-    # ZeRO: every rank loads the full consolidated state and keeps its shard.
-    opt.load_state_dict(saved["optim"])
-    return int(saved["epoch"])
+        return _epoch(state["epoch"], args.resume)
+    path = os.path.join(args.resume, "checkpoint.pt")
+    saved = load_checkpoint(path)
+    if not isinstance(saved, dict) or "model" not in saved:
+        raise UsageError(f"checkpoint {path!r} has no 'model' state: not written by this tool's --save")
+    if "epoch" not in saved:
+        raise UsageError(f"checkpoint {path!r} has no 'epoch': cannot tell where to continue")
+    epoch = _epoch(saved["epoch"], path)
+    fresh = missing_optimizer_state(saved, "optim")
+    if fresh is not None and not args.allow_fresh_optimizer_state:
+        raise UsageError(f"checkpoint {path!r}: {fresh}; resuming would restart Adan's moments from zero "
+                         f"(pass --allow-fresh-optimizer-state to do that on purpose)")
+    try:
+        module.load_state_dict(saved["model"])
+    except RuntimeError as err:
+        raise UsageError(f"checkpoint {path!r} does not fit the model: {str(err).splitlines()[0]}") from None
+    if fresh is None:
+        # ZeRO: every rank loads the full consolidated state and keeps its shard.
+        opt.load_state_dict(saved["optim"])
+    else:
+        warnings.warn(f"checkpoint {path!r}: {fresh}; Adan's moments start from zero "
+                      f"(--allow-fresh-optimizer-state)", RuntimeWarning, stacklevel=2)
+    return epoch
 
 
 def main(argv=None) -> float:
     args = parse_args(argv)
     rank, world, device = setup()
     model, module, opt = build(args, world, device)
-    start = resume(args, model, module, opt) if args.resume else 0
-    x_train, y_train, x_val, y_val = (t.to(device) for t in digits_tensors())
     if args.batch_size % world:
-        raise SystemExit(f"--batch-size {args.batch_size} must be a multiple of the {world} processes")
+        raise UsageError(f"--batch-size {args.batch_size} must be a multiple of the {world} processes")
+    try:
+        start = resume(args, model, module, opt) if args.resume else 0
+    except (CheckpointError, FileNotFoundError) as err:
+        raise UsageError(str(err)) from None
+    x_train, y_train, x_val, y_val = (t.to(device) for t in digits_tensors())
     local = args.batch_size // world
     loss_fn = nn.CrossEntropyLoss()
     t0 = time.time()
+    top1 = float("nan")  # no epoch left to run
     for epoch in range(start, args.epochs):
         # The same permutation on every rank; rank r takes its slice of each batch.
         order = torch.randperm(len(y_train), generator=torch.Generator().manual_seed(args.seed + epoch))
@@ -172,5 +217,9 @@ def main(argv=None) -> float:
 if __name__ == "__main__":
     from dist_exit import exit_process  # beside this script
 
-    main()
+    try:
+        main()
+    except UsageError as err:
+        print(f"train_distributed.py: error: {err}", file=sys.stderr, flush=True)
+        exit_process(2)
     exit_process(0)

@@ -15,13 +15,19 @@ On top of mmpretrain's script it
   ``custom_imports`` and may inherit ``mmpretrain::_base_/...`` configs;
 * resumes on torch >= 2.6: checkpoints are still loaded with ``weights_only=True``, with
   exactly the objects mmengine checkpoints contain allow-listed
-  (:mod:`adan_plugin.integrations.mmengine_safe_globals`);
+  (:mod:`adan_plugin.integrations.mmengine_safe_globals`), and saved atomically;
+* refuses ``--resume`` from a checkpoint without optimizer state (mmengine would restart
+  the moments from zero) unless ``--allow-fresh-optimizer-state`` is given
+  (``ResumeOptimizerStateHook``);
 * adds ``ZeroCheckpointHook`` when the optimizer is ``ZeroRedundancyOptimizer`` (mmengine saves
   checkpoints on rank 0 only, gathering ZeRO's shards needs every rank);
 * runs multi-process on CPU-only machines: with no CUDA device it uses the gloo backend
   and CPU DistributedDataParallel (mmengine alone would call ``torch.cuda.set_device``);
 * writes the digits ImageFolder when a config names it in ``digits_imagefolder``
   (configs/mmpretrain/lenet5_adan_digits.py, the quick start).
+
+A checkpoint that cannot be used (missing, empty, truncated, holding objects that could
+run code, without optimizer state) ends the run with one error line and exit status 2.
 """
 from __future__ import annotations
 
@@ -35,6 +41,7 @@ import torch
 import torch.distributed as dist
 
 import adan_plugin  # noqa: F401  (registers Adan, FusedAdan, ZeroRedundancyOptimizer with mmengine)
+from adan_plugin.checkpoint import CheckpointError
 from adan_plugin.integrations.mmengine_safe_globals import mmengine_safe_globals
 
 DIGITS_WAIT_S = 600
@@ -98,8 +105,19 @@ def add_zero_checkpoint_hook(cfg) -> None:
         cfg.custom_hooks = hooks + [dict(type="ZeroCheckpointHook")]
 
 
-def main() -> None:
+def add_resume_check_hook(cfg, allow_fresh: bool) -> None:
+    """Resuming must bring the optimizer's moments back (or be told they restart)."""
+    hooks = [h for h in (cfg.get("custom_hooks") or []) if h.get("type") != "ResumeOptimizerStateHook"]
+    cfg.custom_hooks = hooks + [dict(type="ResumeOptimizerStateHook", allow_fresh=allow_fresh)]
+
+
+FRESH_FLAG = "--allow-fresh-optimizer-state"
+
+
+def main() -> int:
     mm_train = load_mmpretrain_train_script()
+    allow_fresh = FRESH_FLAG in sys.argv
+    sys.argv = [a for a in sys.argv if a != FRESH_FLAG]  # mmpretrain's parser does not know it
     args = mm_train.parse_args()
 
     from mmengine.config import Config
@@ -114,14 +132,19 @@ def main() -> None:
     if cfg.launcher != "none" and not torch.cuda.is_available():
         use_cpu_distributed(cfg)
     add_zero_checkpoint_hook(cfg)
+    add_resume_check_hook(cfg, allow_fresh)
 
     runner = Runner.from_cfg(cfg) if "runner_type" not in cfg else RUNNERS.build(cfg)
     if runner.optim_wrapper is not None:  # built before train() (which keeps it) to log the fused backends once
         runner.optim_wrapper = runner.build_optim_wrapper(runner.optim_wrapper)
         optimizer = getattr(runner.optim_wrapper, "optimizer", None)
         runner.logger.info(f"optimizer fused backends: {getattr(optimizer, 'fused_backends', 'n/a')}")
-    with mmengine_safe_globals():
-        runner.train()
+    try:
+        with mmengine_safe_globals():
+            runner.train()
+    except (CheckpointError, FileNotFoundError) as err:
+        print(f"train_mm.py: error: {err}", file=sys.stderr, flush=True)
+        return 2
     # mmengine leaves the process group alive; a gloo group torn down by the
     # interpreter's exit can abort a rank after training finished ("terminate
     # called without an active exception"), failing the whole torchrun job.
@@ -129,6 +152,7 @@ def main() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
+    return 0
 
 
 if __name__ == "__main__":

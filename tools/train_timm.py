@@ -17,6 +17,7 @@ import torch
 import yaml
 
 import adan_plugin  # noqa: F401  (registers Adan into timm)
+import adan_plugin.checkpoint
 from adan_plugin.hparams import SCRATCH_LR_SCALE
 
 # timm_train/ sits beside this file; put it on the path also when this file is
@@ -27,9 +28,9 @@ if _TOOLS_DIR not in sys.path:
 
 # Re-exported: these names stay importable as train_timm.<name>.
 from timm_train.checkpoint import (  # noqa: E402,F401
-    CHECKPOINT_VERSION, load_checkpoint, load_model_state, save_checkpoint)
+    CHECKPOINT_VERSION, check_resume, load_checkpoint, load_model_state, save_checkpoint)
 from timm_train.config import (  # noqa: E402,F401
-    _IGNORED_KEYS, _MUST_BE_OFF, ConfigError, _bool, _opt_float, build_parser, load_config, parse_args)
+    _NO_EFFECT, _RECIPE_ALIASES, _REFUSED, ConfigError, _bool, _opt_float, build_parser, load_config, parse_args)
 from timm_train.launcher import _ADAN_FLAGS, split_launch_args  # noqa: E402,F401
 from timm_train.loop import amp_context, make_loss, train_one_epoch, validate  # noqa: E402,F401
 from timm_train.runtime import (  # noqa: E402,F401
@@ -45,8 +46,11 @@ def train(args) -> Dict[str, Any]:
     from timm.scheduler import create_scheduler_v2
     from timm.utils import ModelEmaV3, distribute_bn
 
+    # by name: the registration into timm imports this module lazily, on timm's first import
+    from adan_plugin.integrations import timm as timm_integration
+
     device = setup_distributed(args)
-    adan_plugin.integrations.timm.fix_randaugment_posterize()
+    timm_integration.fix_randaugment_posterize()
     if args.lr is None:
         raise ConfigError("no learning rate: give --lr or a --config that sets lr")
     if args.grad_accum_steps < 1:
@@ -84,23 +88,31 @@ def train(args) -> Dict[str, Any]:
             raise ConfigError("--sync-bn needs CUDA devices (torch's SyncBatchNorm); drop it for CPU runs")
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
 
-    optimizer = adan_plugin.integrations.timm.create_optimizer(model, args)
+    optimizer = timm_integration.create_optimizer(model, args)
     autocast, scaler = amp_context(args, device)
 
     start_epoch, best = 0, None
     output_dir = output_dir_for(args)
     ckpt = load_checkpoint(args.resume) if args.resume else None
     if ckpt is not None:
-        if ckpt.get("arch") not in (None, args.model):
-            raise ConfigError(f"checkpoint {args.resume!r} is of model {ckpt['arch']!r}, not {args.model!r}")
+        done = check_resume(ckpt, args.resume, args)
         load_model_state(model, ckpt["state_dict"], args.resume)
-        if not args.no_resume_opt and "optimizer" in ckpt:
-            optimizer.load_state_dict(ckpt["optimizer"])
+        fresh = adan_plugin.checkpoint.missing_optimizer_state(ckpt)
+        if args.no_resume_opt:
+            log(args, f"--no-resume-opt: the optimizer starts afresh (moments from zero)")
+        elif fresh is not None:
+            log(args, f"WARNING: checkpoint {args.resume}: {fresh}; the optimizer's moments restart from zero "
+                      f"(--allow-fresh-optimizer-state)")
+        else:
+            try:
+                optimizer.load_state_dict(ckpt["optimizer"])
+            except (ValueError, KeyError, RuntimeError) as err:
+                raise ConfigError(f"checkpoint {args.resume!r}: its optimizer state does not fit: {err}") from None
             if scaler is not None and "scaler" in ckpt:
                 scaler.load_state_dict(ckpt["scaler"])
-        start_epoch = int(ckpt["epoch"]) + 1
+        start_epoch = done + 1
         best = ckpt.get("best")
-        log(args, f"resumed from {args.resume} (epoch {ckpt['epoch']}); continuing at epoch {start_epoch}")
+        log(args, f"resumed from {args.resume} (epoch {done}); continuing at epoch {start_epoch}")
     if args.start_epoch is not None:
         start_epoch = args.start_epoch
 
@@ -247,7 +259,9 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
         script, rest, adan = split_launch_args(argv)
         if not os.path.isfile(script):
             raise ConfigError(f"--launch: no training script at {script!r}")
-        adan_plugin.integrations.timm.launch_upstream_train(script, rest, adan)
+        # by name: nothing has imported timm yet, so the lazy registration has not loaded this module
+        from adan_plugin.integrations import timm as timm_integration
+        timm_integration.launch_upstream_train(script, rest, adan)
         return {}
     args = parse_args(argv)
     result = train(args)
@@ -276,5 +290,9 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
 if __name__ == "__main__":
     from dist_exit import exit_process  # beside this script
 
-    main()
+    try:
+        main()
+    except ConfigError as err:
+        print(err, file=sys.stderr, flush=True)
+        exit_process(2)
     exit_process(0)

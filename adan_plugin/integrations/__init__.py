@@ -75,6 +75,20 @@ class _TriggerFinder(importlib.abc.MetaPathFinder):
 _finder: Optional[_TriggerFinder] = None
 
 
+def __getattr__(name: str):
+    """``adan_plugin.integrations.timm`` / ``from adan_plugin.integrations import timm`` before
+    timm is imported: import the trainer first (which registers and imports our module)."""
+    trigger = next((t for t, integration in _TRIGGERS.items() if integration == name), None)
+    if trigger is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    importlib.import_module(trigger)
+    _register(trigger)  # registered already, unless register_all() has not run
+    module = sys.modules.get(f"{__name__}.{name}")
+    if module is None:  # e.g. the trainer is installed but unusable (a warning said so)
+        module = importlib.import_module(f"{__name__}.{name}")
+    return module
+
+
 def register_all() -> None:
     """Register now where the trainer is imported, and on its import otherwise."""
     global _finder

@@ -15,7 +15,11 @@ a config) calls :func:`register`, which
   log line saying so; mmpretrain's stays reachable as ``'MMPretrainAdan'``;
 * registers ``TimmCosineLR``, the zoo's lr schedule (see :mod:`.mmengine_schedule`);
 * lets configs inherit ``mmpretrain::_base_/...`` where ``pkg_resources`` is
-  gone (see :mod:`.mmengine_package_configs`).
+  gone (see :mod:`.mmengine_package_configs`);
+* loads local checkpoints with ``weights_only=True`` and the objects mmengine's
+  own checkpoints hold allow-listed (so stock tools resume on torch >= 2.6), and
+  saves them atomically; registers ``ResumeOptimizerStateHook`` (see
+  :mod:`.mmengine_checkpoint`).
 """
 from __future__ import annotations
 
@@ -27,6 +31,7 @@ from mmengine.logging import print_log
 from mmengine.registry import HOOKS, OPTIMIZERS, PARAM_SCHEDULERS, Registry, build_from_cfg
 
 from ..adan import Adan, FusedAdan
+from .mmengine_checkpoint import ResumeOptimizerStateHook, register_checkpoint_io
 from .mmengine_options import optimizer_options_from_config
 from .mmengine_package_configs import enable_package_base_configs
 from .mmengine_schedule import TimmCosineLR, TimmCosineParamScheduler
@@ -42,6 +47,8 @@ def register() -> None:
     OPTIMIZERS.register_module(name="FusedAdan", module=FusedAdan, force=True)
     OPTIMIZERS.register_module(name="ZeroRedundancyOptimizer", module=ZeroRedundancyOptimizer, force=True)
     HOOKS.register_module(name="ZeroCheckpointHook", module=ZeroCheckpointHook, force=True)
+    HOOKS.register_module(name="ResumeOptimizerStateHook", module=ResumeOptimizerStateHook, force=True)
+    register_checkpoint_io()
     PARAM_SCHEDULERS.register_module(name="TimmCosineLR", module=TimmCosineLR, force=True)
     PARAM_SCHEDULERS.register_module(name="TimmCosineParamScheduler", module=TimmCosineParamScheduler, force=True)
     OPTIMIZERS.build_func = build_optimizer

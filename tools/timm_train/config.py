@@ -22,22 +22,36 @@ continues a run, epoch numbering, schedule and RNG streams included.
 adan_plugin registered (``--opt adan`` is our Adan) and the Adan keys
 (``max_grad_norm``, ``no_prox``, ``bias_decay``, from ``--config`` or the
 command line) passed to the optimizer through ``--opt-kwargs``.
+
+Every recipe key and option is either used, or listed here as having no effect
+(a warning names those a recipe sets), or refused with an error naming it when
+set to a value that would change training (``jsd_loss``, ``aug_splits``,
+``split_bn``, ``drop_connect``, ``epoch_repeats``, ``tta``, ...): use
+``--launch`` with timm's train.py for those.  A recipe value of the wrong type
+(``epochs: 1.5``) is an error naming the key.  ``--resume`` refuses a checkpoint
+without optimizer state unless ``--allow-fresh-optimizer-state`` is given.
+User errors print one line and exit with status 2.
 """
 from __future__ import annotations
 
 import argparse
 import difflib
 import os
+import sys
 from typing import Any, Dict, Optional, Sequence
 
 import yaml
 
 
 class ConfigError(SystemExit):
-    """A user error: a message and exit status 2, no traceback."""
+    """A user error: exit status 2; the entry point prints the message, no traceback."""
 
     def __init__(self, message: str):
-        super().__init__(f"train_timm.py: error: {message}")
+        super().__init__(2)
+        self.message = f"train_timm.py: error: {message}"
+
+    def __str__(self) -> str:
+        return self.message
 
 
 # ------------------------------------------------------------------ arguments
@@ -82,7 +96,10 @@ def build_parser() -> argparse.ArgumentParser:
     add("--pretrained", type=_bool, default=False)
     add("--initial-checkpoint", default="")
     add("--resume", default="", help="checkpoint to continue from (last.pth.tar)")
-    add("--no-resume-opt", type=_bool, default=False)
+    add("--no-resume-opt", type=_bool, default=False, help="resume the model only; the optimizer starts afresh")
+    add("--allow-fresh-optimizer-state", type=_bool, default=False,
+        help="resume from a checkpoint without optimizer state (its moments restart from zero) with a "
+             "warning instead of an error")
     add("--num-classes", type=int, default=None)
     add("--gp", default=None)
     add("--img-size", type=int, default=None)
@@ -200,18 +217,84 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-# Recipe keys accepted from a YAML but not acted on: bookkeeping of the zoo's
-# timm version, or features with no effect here.  Keys whose non-default
-# value would change the training are in _MUST_BE_OFF and refused if set.
-# A recipe's ``resume`` is the state of one machine, not part of the recipe.
-_IGNORED_KEYS = {
-    "local_rank", "opt_debug", "configure", "save_images", "recovery_interval", "log_wandb",
-    "native_amp", "tta", "resume",
+# Recipe keys and options the trainer does not act on.  _NO_EFFECT: no value of theirs
+# changes the training (bookkeeping of the zoo's timm version); a recipe that sets one
+# gets a warning naming it.  _REFUSED: features this trainer does not implement; their
+# "off" value is accepted (with the warning), any other value is an error naming the key,
+# from a recipe or the command line.  native_amp (timm < 0.6: native AMP) works: it
+# turns --amp on.  A recipe's ``resume`` is the state of one machine, not part of the
+# recipe: it is not applied (use --resume).
+_NO_EFFECT = {
+    "local_rank": "set by the launcher (torchrun)",
+    "opt_debug": "timm's optimizer debug output",
+    "configure": "not a timm training option",
+    "save_images": "debug images of the first batch",
+    "recovery_interval": "timm's mid-epoch recovery checkpoints",
+    "log_wandb": "Weights & Biases logging",
+    "resume": "a recipe's resume path is not applied; pass --resume",
 }
-_MUST_BE_OFF = {
+_REFUSED = {
     "jsd_loss": False, "aug_splits": 0, "split_bn": False, "torchscript": False, "apex_amp": False,
-    "drop_connect": None, "epoch_repeats": 0.0, "bn_tf": False, "resplit": False,
+    "drop_connect": None, "epoch_repeats": 0.0, "bn_tf": False, "tta": 0,
 }
+_RECIPE_ALIASES = {"native_amp": "amp"}
+
+
+def _is_off(value: Any, off: Any) -> bool:
+    return value == off or (off in (0, 0.0, None, False) and not value)
+
+
+def _expected(action: argparse.Action) -> str:
+    kind = {int: "an integer", float: "a number", _bool: "true or false", _opt_float: "a number or null",
+            None: "a string"}.get(action.type, getattr(action.type, "__name__", "a value"))
+    if action.nargs in ("+", "*"):
+        return f"a list of values, each {kind}"
+    if isinstance(action.nargs, int):
+        return f"a list of {action.nargs} values, each {kind}"
+    return kind
+
+
+def _convert_one(action: argparse.Action, value: Any) -> Any:
+    kind = action.type
+    if kind is int:
+        if isinstance(value, bool) or not isinstance(value, (int, str)):
+            raise ValueError
+        return int(value)
+    if kind in (float, _opt_float):
+        if value is None and kind is _opt_float:
+            return None
+        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+            raise ValueError
+        return kind(value) if isinstance(value, str) else float(value)
+    if kind is _bool:
+        if not isinstance(value, (bool, int, str)):
+            raise ValueError
+        return _bool(value)
+    if kind is None:
+        if not isinstance(value, str):
+            raise ValueError
+        return value
+    return kind(value)
+
+
+def _convert(action: argparse.Action, key: str, value: Any, path: str) -> Any:
+    """A recipe value checked (and converted) the way the command line would parse it."""
+    if value is None and (action.default is None or action.type is _opt_float):
+        return None
+    if action.dest == "opt_kwargs":
+        if not isinstance(value, dict):
+            raise ConfigError(f"config {path!r}: {key}: expected a mapping of optimizer arguments, got {value!r}")
+        return value
+    try:
+        if action.nargs in ("+", "*") or isinstance(action.nargs, int):
+            if not isinstance(value, (list, tuple)):
+                raise ValueError
+            if (isinstance(action.nargs, int) and len(value) != action.nargs) or (action.nargs == "+" and not value):
+                raise ValueError
+            return [_convert_one(action, v) for v in value]
+        return _convert_one(action, value)
+    except (ValueError, TypeError, argparse.ArgumentTypeError):
+        raise ConfigError(f"config {path!r}: {key}: expected {_expected(action)}, got {value!r}") from None
 
 
 def load_config(path: str, parser: argparse.ArgumentParser) -> Dict[str, Any]:
@@ -227,28 +310,50 @@ def load_config(path: str, parser: argparse.ArgumentParser) -> Dict[str, Any]:
     if not isinstance(cfg, dict):
         raise ConfigError(f"config {path!r} must be a mapping of argument names to values, "
                           f"got a {type(cfg).__name__}")
-    known = {a.dest for a in parser._actions}
-    unknown = sorted(k for k in cfg if k not in known and k not in _IGNORED_KEYS and k not in _MUST_BE_OFF)
+    actions = {a.dest: a for a in parser._actions}
+    known = set(actions)
+    tables = set(_NO_EFFECT) | set(_REFUSED) | set(_RECIPE_ALIASES)
+    unknown = sorted(str(k) for k in cfg if k not in known and k not in tables)
     if unknown:
-        hints = [f"{k} (did you mean {m[0]}?)" if (m := difflib.get_close_matches(k, known, 1)) else k
+        hints = [f"{k} (did you mean {m[0]}?)" if (m := difflib.get_close_matches(k, known | tables, 1)) else k
                  for k in unknown]
         raise ConfigError(f"config {path!r} has unknown keys: {', '.join(hints)}")
+    for key in list(cfg):
+        if key in actions and key not in _NO_EFFECT and key not in _REFUSED and actions[key].option_strings:
+            cfg[key] = _convert(actions[key], key, cfg[key], path)
     return cfg
+
+
+def _warn(message: str) -> None:
+    if os.environ.get("RANK", "0") == "0":
+        print(f"train_timm.py: warning: {message}", file=sys.stderr, flush=True)
+
+
+def check_unsupported(args: argparse.Namespace, cfg: Dict[str, Any], config: str) -> None:
+    """Refuse every feature this trainer does not implement, set in the recipe or on the command line."""
+    for key, off in _REFUSED.items():
+        for value, source in ((cfg.get(key, off), f"config {config!r}"), (getattr(args, key, off), "command line")):
+            if not _is_off(value, off):
+                raise ConfigError(f"{key}={value!r} ({source}) is not supported by this trainer (it must be "
+                                  f"{off!r}); use --launch with timm's train.py")
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser = build_parser()
     pre, _ = parser.parse_known_args(argv)
+    cfg: Dict[str, Any] = {}
     if pre.config:
         cfg = load_config(pre.config, parser)
-        # Keys the trainer does not act on keep only documentary value; the
-        # ones that would change training must be off.
-        for key, off in _MUST_BE_OFF.items():
-            if key in cfg and cfg[key] != off and not (off in (0, 0.0, None, False) and not cfg[key]):
-                raise ConfigError(f"config {pre.config!r}: {key}={cfg[key]!r} is not supported by this "
-                                  f"trainer (it must be {off!r}); use --launch with timm's train.py")
-        parser.set_defaults(**{k: v for k, v in cfg.items() if k not in _IGNORED_KEYS and k not in _MUST_BE_OFF})
+        if cfg.get("native_amp"):
+            cfg["amp"] = True
+        parser.set_defaults(**{k: v for k, v in cfg.items()
+                               if k not in _NO_EFFECT and k not in _REFUSED and k not in _RECIPE_ALIASES})
     args = parser.parse_args(argv)
     if args.opt_betas is not None:
         args.opt_betas = [float(b) for b in args.opt_betas]
+    check_unsupported(args, cfg, pre.config)
+    unused = [f"{k}={cfg[k]!r}" for k in sorted(cfg) if k in _NO_EFFECT or k in _REFUSED]
+    if unused:
+        _warn(f"config {pre.config!r}: keys this trainer does not use, at values that cannot change the "
+              f"results: {', '.join(unused)}")
     return args

@@ -21,12 +21,17 @@ def read_summary(path: str) -> List[Dict[str, float]]:
 
 def write_summary(path: str, rows: List[Dict[str, Any]]) -> None:
     tmp = path + ".tmp"
-    with open(tmp, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=SUMMARY_COLUMNS)
-        w.writeheader()
-        for row in rows:
-            w.writerow({k: row[k] for k in SUMMARY_COLUMNS})
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=SUMMARY_COLUMNS)
+            w.writeheader()
+            for row in rows:
+                w.writerow({k: row[k] for k in SUMMARY_COLUMNS})
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
 
 
 def plot_runs(out_png: str, runs: Dict[str, str]) -> None:
