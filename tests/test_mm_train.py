@@ -172,16 +172,115 @@ def test_train_mm_under_torchrun_with_zero_adan_on_two_processes_and_resume(digi
     assert {g["step"] for g in checkpoint["optimizer"]["param_groups"]} == {24}
 
 
-def test_stock_mmpretrain_train_py_gets_our_adan_through_custom_imports(digits_root, tmp_path):
+def test_stock_mmpretrain_train_py_gets_our_adan_through_custom_imports_and_resumes(one_epoch, digits_root,
+                                                                                     tmp_path):
+    # The stock script, the config's custom_imports as the only link to us: it builds our Adan and
+    # resumes on torch >= 2.6 (weights_only=True) from an mmengine checkpoint (HistoryBuffer inside).
     with open(CONFIG) as f:
         code = [line.split("#")[0] for line in f]
     ours = [line.strip() for line in code if "adan_plugin" in line]
     assert ours == ["custom_imports = dict(imports=['adan_plugin'], allow_failed_imports=False)"]
-    out = run([sys.executable, STOCK_TRAIN, CONFIG, "--work-dir", str(tmp_path), "--cfg-options",
-               "train_cfg.max_epochs=1"], cwd=str(tmp_path), digits_root=digits_root)
+    _, first_dir = one_epoch
+    out = run([sys.executable, STOCK_TRAIN, CONFIG, "--work-dir", str(tmp_path), "--resume",
+               str(first_dir / "epoch_1.pth"), "--cfg-options", "train_cfg.max_epochs=2"],
+              cwd=str(tmp_path), digits_root=digits_root)
     assert out.count("type='Adan' in scope 'mmpretrain' builds adan_plugin.Adan") == 1
+    assert "resumed epoch: 1, iter: 23" in out
     with mmengine_safe_globals():
-        checkpoint = torch.load(tmp_path / "epoch_1.pth")
+        checkpoint = torch.load(tmp_path / "epoch_2.pth")
     group = checkpoint["optimizer"]["param_groups"][0]
     # keys mmpretrain's own Adan does not have
     assert {"caution", "fused", "state_dtype"} <= set(group)
+    assert not [name for name in os.listdir(tmp_path) if name.endswith(".tmp")]
+
+
+class Marker:
+    """Unpickling this runs a shell command that creates a file."""
+
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.path}",))
+
+
+@pytest.mark.parametrize("script", ["train_mm", "stock"])
+def test_resume_from_a_checkpoint_with_code_runs_nothing_and_names_it(one_epoch, digits_root, tmp_path, script):
+    _, first_dir = one_epoch
+    with mmengine_safe_globals():
+        checkpoint = torch.load(first_dir / "epoch_1.pth")
+    marker = tmp_path / "code_ran"
+    checkpoint["meta"]["extra"] = Marker(marker)
+    evil = tmp_path / "evil.pth"
+    torch.save(checkpoint, evil)
+    cmd = [sys.executable, TRAIN_MM if script == "train_mm" else STOCK_TRAIN, CONFIG, "--work-dir",
+           str(tmp_path / "work"), "--resume", str(evil)]
+    proc = subprocess.run(cmd, cwd=str(tmp_path), env=run_env(digits_root), capture_output=True, text=True,
+                          timeout=SUBPROCESS_TIMEOUT)
+    assert proc.returncode != 0 and str(evil) in proc.stderr and "could run code" in proc.stderr
+    if script == "train_mm":
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert not marker.exists()
+
+
+def test_local_checkpoints_load_as_data_and_name_the_file(tmp_path):
+    from mmengine.runner.checkpoint import _load_checkpoint
+
+    from adan_plugin.checkpoint import CheckpointError
+    marker = tmp_path / "code_ran"
+    evil = tmp_path / "evil.pth"
+    torch.save({"state_dict": {}, "meta": {"x": Marker(marker)}}, evil)
+    with pytest.raises(CheckpointError, match="evil.pth.*could run code"):
+        _load_checkpoint(str(evil))
+    assert not marker.exists()
+    empty = tmp_path / "empty.pth"
+    empty.write_bytes(b"")
+    with pytest.raises(CheckpointError, match=r"empty.pth.*empty \(0 bytes\)"):
+        _load_checkpoint(str(empty))
+
+
+def test_mmengine_checkpoints_are_saved_atomically(tmp_path):
+    from mmengine.runner import runner as mm_runner
+
+    class Unpicklable:
+        def __reduce__(self):
+            raise RuntimeError("cannot pickle this")
+
+    save = mm_runner.save_checkpoint  # what Runner.save_checkpoint calls
+    path = tmp_path / "epoch_1.pth"
+    save({"meta": {"epoch": 1}}, str(path))
+    with pytest.raises(RuntimeError, match="cannot pickle"):
+        save({"meta": {"epoch": 2}, "big": torch.zeros(100_000), "x": Unpicklable()}, str(path))
+    assert os.listdir(tmp_path) == ["epoch_1.pth"]
+    assert torch.load(path)["meta"]["epoch"] == 1
+
+
+def _without_optimizer_state(first_dir, tmp_path, edit):
+    with mmengine_safe_globals():
+        checkpoint = torch.load(first_dir / "epoch_1.pth")
+    edit(checkpoint)
+    path = tmp_path / "no_optim.pth"
+    torch.save(checkpoint, path)
+    return path
+
+
+@pytest.mark.parametrize("edit", [lambda c: c.pop("optimizer"),
+                                  lambda c: c["optimizer"].update(state={})], ids=["missing", "empty"])
+def test_train_mm_refuses_to_resume_without_optimizer_state(one_epoch, digits_root, tmp_path, edit):
+    _, first_dir = one_epoch
+    path = _without_optimizer_state(first_dir, tmp_path, edit)
+    proc = subprocess.run([sys.executable, TRAIN_MM, CONFIG, "--work-dir", str(tmp_path / "work"), "--resume",
+                           str(path), "--cfg-options", "train_cfg.max_epochs=2"], cwd=str(tmp_path),
+                          env=run_env(digits_root), capture_output=True, text=True, timeout=SUBPROCESS_TIMEOUT)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert str(path) in proc.stderr and "--allow-fresh-optimizer-state" in proc.stderr
+
+
+def test_resume_hook_allows_fresh_state_when_asked(one_epoch, digits_root, tmp_path):
+    _, first_dir = one_epoch
+    path = _without_optimizer_state(first_dir, tmp_path, lambda c: c.pop("optimizer"))
+    cfg = load_cfg(digits_root, tmp_path / "fresh", "fresh", 1, resume=True, load_from=str(path),
+                   custom_hooks=[dict(type="ResumeOptimizerStateHook", allow_fresh=True)])
+    runner = Runner.from_cfg(cfg)
+    runner.train()  # max_epochs 1 is done: only the resume runs
+    assert runner.iter == 23 and not runner.optim_wrapper.optimizer.state

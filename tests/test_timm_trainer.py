@@ -115,8 +115,9 @@ def test_resume_refuses_a_checkpoint_that_could_run_code(tmp_path, runs):
     good["args"] = argparse.Namespace(opt="adan")  # an arbitrary object: needs full unpickling
     torch.save(good, evil)
     out = tmp_path / "out"
-    with pytest.raises(SystemExit, match="weights_only"):
+    with pytest.raises(SystemExit) as info:
         run_main([*FAST, "--epochs", "3", "--output", str(out), "--resume", str(evil)])
+    assert info.value.code == 2 and "could run code" in str(info.value) and str(evil) in str(info.value)
     assert not out.exists()
 
 
@@ -124,7 +125,8 @@ def test_resume_refuses_a_checkpoint_that_could_run_code(tmp_path, runs):
 def _error(argv):
     with pytest.raises(SystemExit) as info:
         run_main(argv)
-    return str(info.value.code)
+    assert info.value.code == 2  # a user error, as documented (argparse's status too)
+    return str(info.value)
 
 
 def test_malformed_yaml(tmp_path):
@@ -270,7 +272,29 @@ def test_launcher_leaves_other_optimizers_alone(stand_in, tmp_path):
 
 def test_launcher_missing_script(tmp_path):
     proc = subprocess.run([PY, TRAIN, "--launch", str(tmp_path / "train.py")], capture_output=True, text=True)
-    assert proc.returncode != 0 and "no training script" in proc.stderr
+    assert proc.returncode == 2 and "no training script" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_launcher_without_a_config_in_a_fresh_process(stand_in, tmp_path):
+    # Nothing imports timm before the launcher does (the registration into timm is lazy).
+    report = tmp_path / "report.json"
+    proc = subprocess.run([PY, TRAIN, "--launch", str(stand_in), "--model", "test_resnet", "--opt", "adan",
+                           "--lr", "0.01", "--max-grad-norm", "2", "--report", str(report)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    with open(report) as f:
+        rep = json.load(f)
+    assert rep["class"] == "adan_plugin.adan.Adan" and rep["defaults"]["max_grad_norm"] == 2.0
+
+
+def test_integrations_timm_is_reachable_before_timm_is_imported():
+    for code in ("import adan_plugin, sys; assert 'timm' not in sys.modules; "
+                 "print(adan_plugin.integrations.timm.launch_upstream_train.__name__)",
+                 "from adan_plugin.integrations import timm; print(timm.launch_upstream_train.__name__)"):
+        proc = subprocess.run([PY, "-c", code], capture_output=True, text=True, timeout=120,
+                              env=dict(os.environ, PYTHONPATH=REPO_ROOT))
+        assert proc.returncode == 0 and proc.stdout.strip() == "launch_upstream_train", proc.stderr[-2000:]
 
 
 # ---------------------------------------------------------------- zoo recipe on digits
@@ -323,3 +347,139 @@ def test_resume_with_another_model_is_a_clear_error(tmp_path, runs):
     msg = _error([*FAST, "--model", "test_vit", "--epochs", "3", "--output", str(tmp_path / "o"),
                   "--resume", str(runs["root"] / "run" / "last.pth.tar")])
     assert "test_resnet" in msg and "test_vit" in msg
+
+
+# ---------------------------------------------------------------- checkpoints: safety and clear errors
+class Payload:
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+@pytest.mark.parametrize("option", ["--resume", "--initial-checkpoint"])
+@pytest.mark.parametrize("legacy", [False, True], ids=["zip", "legacy"])
+def test_no_checkpoint_option_runs_code_from_the_file(tmp_path, runs, option, legacy):
+    marker = tmp_path / "code_ran"
+    ckpt = torch.load(runs["root"] / "run" / "last.pth.tar", weights_only=True)
+    ckpt["best"] = Payload(marker)
+    evil = tmp_path / "evil.pth.tar"
+    torch.save(ckpt, evil, _use_new_zipfile_serialization=not legacy)
+    msg = _error([*FAST, "--epochs", "3", "--output", str(tmp_path / "o"), option, str(evil)])
+    assert str(evil) in msg and "could run code" in msg
+    assert not marker.exists() and not (tmp_path / "o").exists()
+
+
+def _tampered(runs, tmp_path, edit):
+    ckpt = torch.load(runs["root"] / "run" / "checkpoint-1.pth.tar", weights_only=True)
+    edit(ckpt)
+    path = tmp_path / "tampered.pth.tar"
+    torch.save(ckpt, path)
+    return path
+
+
+def _resume_error(runs, tmp_path, edit, *extra):
+    path = _tampered(runs, tmp_path, edit)
+    msg = _error([*FAST, "--epochs", "3", "--output", str(tmp_path / "o"), "--resume", str(path), *extra])
+    assert str(path) in msg
+    assert not (tmp_path / "o").exists()
+    return msg
+
+
+def _empty_state(ckpt):
+    ckpt["optimizer"]["state"] = {}
+
+
+def test_resume_without_optimizer_state_is_refused(tmp_path, runs):
+    assert "no optimizer state" in _resume_error(runs, tmp_path, lambda c: c.pop("optimizer"))
+    msg = _resume_error(runs, tmp_path, _empty_state)
+    assert "empty although it counts" in msg and "--allow-fresh-optimizer-state" in msg
+
+
+def test_resume_without_optimizer_state_when_asked(tmp_path, runs):
+    path = _tampered(runs, tmp_path, _empty_state)
+    _, log = run_main([*FAST, "--epochs", "3", "--output", str(tmp_path / "o"), "--resume", str(path),
+                       "--allow-fresh-optimizer-state"])
+    assert "WARNING" in log and "moments restart from zero" in log and "continuing at epoch 2" in log
+
+
+@pytest.mark.parametrize("edit, reason", [
+    (lambda c: c.pop("epoch"), "no 'epoch'"),
+    (lambda c: c.update(epoch="two"), "'epoch' must be a non-negative integer"),
+    (lambda c: c.update(epoch=-1), "'epoch' must be a non-negative integer"),
+    (lambda c: c.update(epoch=1.5), "'epoch' must be a non-negative integer"),
+    (lambda c: c.update(state_dict=[1, 2]), "'state_dict' is a list"),
+    (lambda c: c.update(optimizer={"state": {0: {}}}), "no 'param_groups'"),
+])
+def test_resume_from_a_malformed_checkpoint_is_a_clear_error(tmp_path, runs, edit, reason):
+    assert reason in _resume_error(runs, tmp_path, edit)
+
+
+def test_empty_and_truncated_checkpoints_give_a_reason(tmp_path):
+    empty = tmp_path / "empty.pth.tar"
+    empty.write_bytes(b"")
+    assert "empty (0 bytes)" in _error([*FAST, "--resume", str(empty), "--output", str(tmp_path / "o")])
+    cut = tmp_path / "cut.pth.tar"
+    buf = io.BytesIO()
+    torch.save({"state_dict": {"w": torch.zeros(1000)}, "epoch": 0}, buf)
+    cut.write_bytes(buf.getvalue()[:3000])
+    assert "truncated" in _error([*FAST, "--resume", str(cut), "--output", str(tmp_path / "o")])
+
+
+def test_a_failed_save_leaves_no_partial_or_temporary_file(tmp_path):
+    class Unpicklable:
+        def __reduce__(self):
+            raise RuntimeError("cannot pickle this")
+
+    path = tmp_path / "last.pth.tar"
+    train_timm.save_checkpoint(str(path), {"epoch": 0})
+    with pytest.raises(RuntimeError, match="cannot pickle"):
+        train_timm.save_checkpoint(str(path), {"epoch": 1, "w": torch.zeros(100_000), "x": Unpicklable()})
+    assert os.listdir(tmp_path) == ["last.pth.tar"]
+    assert torch.load(path, weights_only=True) == {"epoch": 0}
+    with pytest.raises(KeyError):
+        train_timm.write_summary(str(tmp_path / "summary.csv"), [{"epoch": 0}])
+    assert os.listdir(tmp_path) == ["last.pth.tar"]
+
+
+def test_user_errors_exit_with_status_2_and_one_line(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: test_resnet\nepochs: 1.5\n")
+    proc = subprocess.run([PY, TRAIN, "--config", str(bad)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        f"train_timm.py: error: config '{bad}': epochs: expected an integer, got 1.5"]
+
+
+# ---------------------------------------------------------------- upstream timm train.py
+def _upstream_train_py():
+    """timm's own train.py: it is not in timm's wheel nor its sdist, so it comes from outside the
+    repository: $ADAN_TIMM_TRAIN_PY, or ../shared/timm/train.py beside the checkout."""
+    for path in (os.environ.get("ADAN_TIMM_TRAIN_PY"), os.path.join(os.path.dirname(ZOO_DIR), "timm", "train.py")):
+        if path and os.path.isfile(path):
+            return path
+    return None
+
+
+@pytest.mark.skipif(_upstream_train_py() is None,
+                    reason="timm's train.py is not available ($ADAN_TIMM_TRAIN_PY or ../shared/timm/train.py)")
+def test_launch_upstream_timm_train_py_for_one_epoch_on_the_digits(tmp_path):
+    from adan_plugin.data import write_digits_imagefolder
+    data = write_digits_imagefolder()
+    proc = subprocess.run([PY, TRAIN, "--launch", _upstream_train_py(), "--data-dir", str(data),
+                           "--train-split", "train", "--val-split", "val", "--model", "test_resnet",
+                           "--img-size", "32", "--num-classes", "10", "--opt", "adan", "--lr", "0.01",
+                           "--max-grad-norm", "5", "--no-prox", "--epochs", "1", "--warmup-epochs", "0",
+                           "--batch-size", "64", "--workers", "0", "--device", "cpu", "--output", str(tmp_path),
+                           "--experiment", "up"], capture_output=True, text=True, timeout=600, cwd=tmp_path,
+                          env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    with open(tmp_path / "up" / "summary.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 1 and float(rows[0]["eval_top1"]) > 20  # chance is 10%
+    ckpt = torch.load(tmp_path / "up" / "last.pth.tar", weights_only=True)
+    group = ckpt["optimizer"]["param_groups"][0]
+    # our Adan (keys timm's Adan has not), with the Adan flags passed through --opt-kwargs
+    assert {"caution", "fused", "state_dtype"} <= set(group)
+    assert group["max_grad_norm"] == 5.0 and group["no_prox"] is True

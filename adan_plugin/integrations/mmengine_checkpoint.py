@@ -24,7 +24,6 @@ from mmengine.runner import checkpoint as mm_checkpoint
 from mmengine.runner import runner as mm_runner
 
 from ..checkpoint import CheckpointError, load_checkpoint, missing_optimizer_state, save_checkpoint
-from .mmengine_safe_globals import mmengine_checkpoint_globals
 
 _mmengine_save_checkpoint = mm_checkpoint.save_checkpoint
 
@@ -32,6 +31,9 @@ _mmengine_save_checkpoint = mm_checkpoint.save_checkpoint
 def load_local_checkpoint(filename: str, map_location=None):
     """mmengine's loader for local paths, reading data only (weights_only=True)."""
     from mmengine.logging import HistoryBuffer
+
+    # here, not at the top: importing mmengine_safe_globals first is what registers this module
+    from .mmengine_safe_globals import mmengine_checkpoint_globals
 
     HistoryBuffer()  # registers the statistics methods its pickles refer to
     return load_checkpoint(os.path.expanduser(filename), map_location=map_location,

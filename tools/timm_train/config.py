@@ -223,15 +223,18 @@ def build_parser() -> argparse.ArgumentParser:
 # "off" value is accepted (with the warning), any other value is an error naming the key,
 # from a recipe or the command line.  native_amp (timm < 0.6: native AMP) works: it
 # turns --amp on.  A recipe's ``resume`` is the state of one machine, not part of the
-# recipe: it is not applied (use --resume).
+# recipe: it is not applied (use --resume); nor is local_rank.
 _NO_EFFECT = {
-    "local_rank": "set by the launcher (torchrun)",
     "opt_debug": "timm's optimizer debug output",
     "configure": "not a timm training option",
     "save_images": "debug images of the first batch",
     "recovery_interval": "timm's mid-epoch recovery checkpoints",
     "log_wandb": "Weights & Biases logging",
-    "resume": "a recipe's resume path is not applied; pass --resume",
+}
+# The state of one machine, recorded in the zoo's args files: never taken from a recipe (warned).
+_NOT_FROM_RECIPE = {
+    "local_rank": "set by the launcher (torchrun's LOCAL_RANK)",
+    "resume": "pass --resume",
 }
 _REFUSED = {
     "jsd_loss": False, "aug_splits": 0, "split_bn": False, "torchscript": False, "apex_amp": False,
@@ -281,6 +284,8 @@ def _convert(action: argparse.Action, key: str, value: Any, path: str) -> Any:
     """A recipe value checked (and converted) the way the command line would parse it."""
     if value is None and (action.default is None or action.type is _opt_float):
         return None
+    if value is None and action.type is None:  # a string option left empty (the zoo's ``experiment: null``)
+        return action.default
     if action.dest == "opt_kwargs":
         if not isinstance(value, dict):
             raise ConfigError(f"config {path!r}: {key}: expected a mapping of optimizer arguments, got {value!r}")
@@ -312,14 +317,14 @@ def load_config(path: str, parser: argparse.ArgumentParser) -> Dict[str, Any]:
                           f"got a {type(cfg).__name__}")
     actions = {a.dest: a for a in parser._actions}
     known = set(actions)
-    tables = set(_NO_EFFECT) | set(_REFUSED) | set(_RECIPE_ALIASES)
+    tables = set(_NO_EFFECT) | set(_NOT_FROM_RECIPE) | set(_REFUSED) | set(_RECIPE_ALIASES)
     unknown = sorted(str(k) for k in cfg if k not in known and k not in tables)
     if unknown:
         hints = [f"{k} (did you mean {m[0]}?)" if (m := difflib.get_close_matches(k, known | tables, 1)) else k
                  for k in unknown]
         raise ConfigError(f"config {path!r} has unknown keys: {', '.join(hints)}")
     for key in list(cfg):
-        if key in actions and key not in _NO_EFFECT and key not in _REFUSED and actions[key].option_strings:
+        if key in actions and key not in tables and actions[key].option_strings:
             cfg[key] = _convert(actions[key], key, cfg[key], path)
     return cfg
 
@@ -346,13 +351,13 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         cfg = load_config(pre.config, parser)
         if cfg.get("native_amp"):
             cfg["amp"] = True
-        parser.set_defaults(**{k: v for k, v in cfg.items()
-                               if k not in _NO_EFFECT and k not in _REFUSED and k not in _RECIPE_ALIASES})
+        parser.set_defaults(**{k: v for k, v in cfg.items() if k not in _NO_EFFECT and k not in _REFUSED
+                               and k not in _RECIPE_ALIASES and k not in _NOT_FROM_RECIPE})
     args = parser.parse_args(argv)
     if args.opt_betas is not None:
         args.opt_betas = [float(b) for b in args.opt_betas]
     check_unsupported(args, cfg, pre.config)
-    unused = [f"{k}={cfg[k]!r}" for k in sorted(cfg) if k in _NO_EFFECT or k in _REFUSED]
+    unused = [f"{k}={cfg[k]!r}" for k in sorted(cfg) if k in _NO_EFFECT or k in _REFUSED or k in _NOT_FROM_RECIPE]
     if unused:
         _warn(f"config {pre.config!r}: keys this trainer does not use, at values that cannot change the "
               f"results: {', '.join(unused)}")
