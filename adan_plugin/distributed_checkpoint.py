@@ -34,7 +34,7 @@ from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.filesystem import FileSystemReader, _StorageInfo
 from torch.distributed.checkpoint.planner import LoadPlan, LoadPlanner, ReadItem
 
-from .checkpoint import CheckpointError, _first_reason
+from .checkpoint import CheckpointError, _first_reason, _is_refusal
 
 
 def _metadata_classes() -> Dict[tuple, Any]:
@@ -120,9 +120,12 @@ class SafeFileSystemReader(FileSystemReader):
             except CheckpointError as err:
                 raise CheckpointError(f"checkpoint data file {path!r}: {err}") from None
             except Exception as err:
-                raise CheckpointError(f"checkpoint data file {path!r} cannot be read: truncated, "
-                                      f"corrupted or refused ({type(err).__name__}: "
-                                      f"{_first_reason(err)})") from None
+                if _is_refusal(err):  # a tensor item that is not a tensor
+                    raise CheckpointError(f"checkpoint data file {path!r} is refused: it asks for objects "
+                                          f"other than tensors and plain data, which could run code "
+                                          f"({_first_reason(err)})") from None
+                raise CheckpointError(f"checkpoint data file {path!r} cannot be read: truncated or "
+                                      f"corrupted ({type(err).__name__}: {_first_reason(err)})") from None
         if future is None:
             future = super().read_data(plan, planner)
         return future

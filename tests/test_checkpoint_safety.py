@@ -173,7 +173,7 @@ def test_dcp_data_item_with_code_is_refused_naming_the_data_file(dcp_dir, marker
     data_file = _plant_in_data_file(dcp_dir, fqn, blob.getvalue())
     with pytest.raises(CheckpointError) as info:
         load_distributed_checkpoint(_template(), dcp_dir)
-    assert str(data_file) in str(info.value)
+    assert str(data_file) in str(info.value) and "could run code" in str(info.value)
 
 
 def test_dcp_plain_loader_would_run_the_planted_item(dcp_dir, tmp_path):
@@ -185,6 +185,13 @@ def test_dcp_plain_loader_would_run_the_planted_item(dcp_dir, tmp_path):
     _plant_in_data_file(dcp_dir, "lr", blob.getvalue())
     dcp.load(_template(), checkpoint_id=str(dcp_dir))
     assert ran.exists()
+
+
+def test_dcp_truncated_data_file(dcp_dir):
+    data_file = next(dcp_dir.glob("*.distcp"))
+    data_file.write_bytes(data_file.read_bytes()[:20])
+    with pytest.raises(CheckpointError, match=rf"{data_file.name}.*cannot be read: truncated"):
+        load_distributed_checkpoint(_template(), dcp_dir)
 
 
 def test_dcp_empty_truncated_and_missing(dcp_dir, tmp_path):

@@ -110,3 +110,83 @@ def test_exit_process_keeps_buffered_output_atexit_handlers_and_the_exit_code(wo
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 3
     assert sorted(proc.stdout.split("|")[1:]) == ["atexit", "from C", "trained"]
+
+
+class _Marker:
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.path}",))
+
+
+def _run_failing(args, tmp_path, nproc):
+    cmd = [sys.executable]
+    if nproc > 1:
+        cmd += ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+    proc = subprocess.run(cmd + args, cwd=tmp_path, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                          capture_output=True, text=True, timeout=TIMEOUT_S)
+    return proc.returncode, proc.stdout + proc.stderr
+
+
+def test_train_distributed_resume_runs_no_code_from_a_checkpoint(tmp_path):
+    """FSDP2 (DCP: .metadata and a non-tensor item planted) and the single-file strategies."""
+    import io
+    import pickle
+
+    from torch.distributed.checkpoint.filesystem import _StorageInfo
+    script = os.path.join(REPO_ROOT, "tools", "train_distributed.py")
+    marker = tmp_path / "code_ran"
+    ckpt = tmp_path / "fsdp2"
+    _run([script, "--strategy", "fsdp2", "--epochs", "1", "--save", str(ckpt)], tmp_path)
+    meta_path = ckpt / ".metadata"
+    good_meta = meta_path.read_bytes()
+    # 1. .metadata itself
+    meta_path.write_bytes(pickle.dumps(_Marker(marker)))
+    code, out = _run_failing([script, "--strategy", "fsdp2", "--epochs", "2", "--resume", str(ckpt)], tmp_path, 2)
+    assert code != 0 and str(meta_path) in out and "could run code" in out, out[-3000:]
+    assert not marker.exists()
+    # 2. an optimizer hyper-parameter (a non-tensor item) in the data file
+    metadata = pickle.loads(good_meta)
+    index = next(i for i in metadata.storage_data if i.fqn.endswith(".lr"))
+    info = metadata.storage_data[index]
+    blob = io.BytesIO()
+    torch.save(_Marker(marker), blob)
+    data_file = ckpt / info.relative_path
+    offset = data_file.stat().st_size
+    with open(data_file, "ab") as f:
+        f.write(blob.getvalue())
+    metadata.storage_data[index] = _StorageInfo(info.relative_path, offset, len(blob.getvalue()))
+    meta_path.write_bytes(pickle.dumps(metadata))
+    code, out = _run_failing([script, "--strategy", "fsdp2", "--epochs", "2", "--resume", str(ckpt)], tmp_path, 2)
+    assert code != 0 and str(data_file) in out and "could run code" in out, out[-3000:]
+    assert not marker.exists()
+    # 3. the single-file checkpoint of none/ddp/zero
+    single = tmp_path / "single"
+    single.mkdir()
+    torch.save({"model": {}, "optim": {}, "epoch": _Marker(marker)}, single / "checkpoint.pt")
+    code, out = _run_failing([script, "--strategy", "none", "--epochs", "2", "--resume", str(single)], tmp_path, 1)
+    assert code == 2 and str(single / "checkpoint.pt") in out and "Traceback" not in out, out[-3000:]
+    assert not marker.exists()
+
+
+def test_train_distributed_resume_needs_optimizer_state_and_an_epoch(tmp_path):
+    script = os.path.join(REPO_ROOT, "tools", "train_distributed.py")
+    ckpt = tmp_path / "ckpt"
+    _run([script, "--strategy", "none", "--epochs", "1", "--save", str(ckpt)], tmp_path, nproc=1)
+    saved = torch.load(ckpt / "checkpoint.pt", weights_only=True)
+    for edit, reason in ((lambda c: c.pop("optim"), "no optimizer state"),
+                         (lambda c: c["optim"].update(state={}), "empty although it counts"),
+                         (lambda c: c.pop("epoch"), "no 'epoch'")):
+        tampered = {k: v for k, v in saved.items()}
+        tampered["optim"] = dict(saved["optim"])
+        edit(tampered)
+        torch.save(tampered, ckpt / "checkpoint.pt")
+        code, out = _run_failing([script, "--strategy", "none", "--epochs", "2", "--resume", str(ckpt)], tmp_path, 1)
+        assert code == 2 and reason in out and "Traceback" not in out, out[-3000:]
+    tampered = dict(saved)
+    tampered.pop("optim")
+    torch.save(tampered, ckpt / "checkpoint.pt")
+    out = _run([script, "--strategy", "none", "--epochs", "2", "--resume", str(ckpt),
+                "--allow-fresh-optimizer-state"], tmp_path, nproc=1)
+    assert "moments start from zero" in out and "epoch 1:" in out

@@ -1,11 +1,13 @@
 """The digits config trained by a real mmengine Runner, resumed, and launched by three entry points.
 
 - in process: 1 epoch, the loss falls; 1 epoch + resume gives the run that never stopped;
-- resume loads with weights_only=True: without the allow-list it fails, a checkpoint with any
-  other object is still refused;
+- resume loads with weights_only=True through the loader the registration installs (plain
+  torch.load refuses mmengine's HistoryBuffer), a checkpoint with any other object is still refused
+  and names the file, and nothing in it runs; a resume without optimizer state is refused;
+- checkpoints are saved atomically;
 - tools/train_mm.py --resume, and under torchrun on 2 processes with ZeroRedundancyOptimizer(Adan),
   resumed there too;
-- mmpretrain's stock tools/train.py with the config's custom_imports as the only link to us.
+- mmpretrain's stock tools/train.py with the config's custom_imports as the only link to us, resumed.
 """
 import os
 import os.path as osp
@@ -107,12 +109,16 @@ def test_resume_continues_the_run_that_never_stopped(one_epoch, digits_root, tmp
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
 
 
-def test_resume_without_the_allow_list_is_refused_by_torch(one_epoch, digits_root, tmp_path):
+def test_resume_works_through_the_registered_loader_where_plain_torch_load_refuses(one_epoch, digits_root,
+                                                                                    tmp_path):
     _, first_dir = one_epoch
-    runner = Runner.from_cfg(load_cfg(digits_root, tmp_path, "no_allow_list", 2, resume=True,
-                                      load_from=str(first_dir / "epoch_1.pth")))
     with pytest.raises(pickle.UnpicklingError, match="HistoryBuffer"):
-        runner.train()
+        torch.load(first_dir / "epoch_1.pth")  # torch's default, weights_only=True
+    # no mmengine_safe_globals() here: the registration's checkpoint loader allow-lists those types
+    runner = Runner.from_cfg(load_cfg(digits_root, tmp_path, "registered_loader", 1, resume=True,
+                                      load_from=str(first_dir / "epoch_1.pth")))
+    runner.train()
+    assert runner.iter == 23 and runner.optim_wrapper.optimizer.param_groups[0]["step"] == 23
 
 
 class Payload:

@@ -56,7 +56,7 @@ def train(args) -> Dict[str, Any]:
     if args.grad_accum_steps < 1:
         raise ConfigError(f"--grad-accum-steps must be >= 1, got {args.grad_accum_steps}")
     if args.aug_repeats and not args.distributed:
-        log(args, f"note: aug_repeats={args.aug_repeats} needs a distributed run (timm's RepeatAugSampler); "
+        log(args, f"note: aug_repeats={args.aug_repeats:g} needs a distributed run (timm's RepeatAugSampler); "
                   "it is off for this single-process run")
         args.aug_repeats = 0
     seed_all(args.seed + args.rank)
