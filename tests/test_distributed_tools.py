@@ -139,6 +139,9 @@ def test_train_distributed_resume_runs_no_code_from_a_checkpoint(tmp_path):
     marker = tmp_path / "code_ran"
     ckpt = tmp_path / "fsdp2"
     _run([script, "--strategy", "fsdp2", "--epochs", "1", "--save", str(ckpt)], tmp_path)
+    # the untouched checkpoint resumes (epoch kept as a tensor item), at epoch 1
+    out = _run([script, "--strategy", "fsdp2", "--epochs", "2", "--resume", str(ckpt)], tmp_path)
+    assert "epoch 1:" in out and "epoch 0:" not in out, out[-3000:]
     meta_path = ckpt / ".metadata"
     good_meta = meta_path.read_bytes()
     # 1. .metadata itself

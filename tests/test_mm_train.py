@@ -246,6 +246,9 @@ def test_local_checkpoints_load_as_data_and_name_the_file(tmp_path):
 
 
 def test_mmengine_checkpoints_are_saved_atomically(tmp_path):
+    import resource
+    import signal
+
     from mmengine.runner import runner as mm_runner
 
     class Unpicklable:
@@ -257,6 +260,18 @@ def test_mmengine_checkpoints_are_saved_atomically(tmp_path):
     save({"meta": {"epoch": 1}}, str(path))
     with pytest.raises(RuntimeError, match="cannot pickle"):
         save({"meta": {"epoch": 2}, "big": torch.zeros(100_000), "x": Unpicklable()}, str(path))
+    assert os.listdir(tmp_path) == ["epoch_1.pth"]
+    # The write itself fails half-way (a full disk, here a file-size limit): mmengine's own save has
+    # already truncated the previous checkpoint by then; ours leaves it as it was.
+    limits = resource.getrlimit(resource.RLIMIT_FSIZE)
+    handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (64 * 1024, limits[1]))
+    try:
+        with pytest.raises((OSError, RuntimeError)):  # EFBIG, or torch's zip writer's report of it
+            save({"meta": {"epoch": 2}, "big": torch.zeros(100_000)}, str(path))
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, limits)
+        signal.signal(signal.SIGXFSZ, handler)
     assert os.listdir(tmp_path) == ["epoch_1.pth"]
     assert torch.load(path)["meta"]["epoch"] == 1
 
