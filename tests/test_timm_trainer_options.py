@@ -7,7 +7,6 @@ it) or its refused table (a value other than "off", in a recipe or on the comman
 error naming it).  Recipe values are checked as the command line would parse them: a wrong
 type is an error naming the key, generated over every typed option.
 """
-import argparse
 import functools
 import glob
 import importlib.util

@@ -99,7 +99,7 @@ def train(args) -> Dict[str, Any]:
         load_model_state(model, ckpt["state_dict"], args.resume)
         fresh = adan_plugin.checkpoint.missing_optimizer_state(ckpt)
         if args.no_resume_opt:
-            log(args, f"--no-resume-opt: the optimizer starts afresh (moments from zero)")
+            log(args, "--no-resume-opt: the optimizer starts afresh (moments from zero)")
         elif fresh is not None:
             log(args, f"WARNING: checkpoint {args.resume}: {fresh}; the optimizer's moments restart from zero "
                       f"(--allow-fresh-optimizer-state)")

@@ -1,7 +1,6 @@
 """Checkpoint I/O: atomic save, and a load that accepts tensors and plain containers only (weights_only)."""
 from __future__ import annotations
 
-import os
 from typing import Any, Dict
 
 import torch
