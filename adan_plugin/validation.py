@@ -157,6 +157,20 @@ def _check_tensor_like_param(value: Any, param: Tensor, where: str) -> None:
         raise ValueError(f"{where} has dtype {value.dtype}; a {param.dtype} parameter needs {kind} states")
 
 
+def _check_finite_moment(value: Any, param: Tensor, where: str) -> None:
+    _check_tensor_like_param(value, param, where)
+    # A load-time read of the values (a host sync on a GPU, once): a NaN or
+    # Inf moment can never step again, so it is refused rather than resumed.
+    if not bool(torch.isfinite(value).all()):
+        raise ValueError(f"{where} holds NaN or Inf values (a diverged run?)")
+
+
+def _check_second_moment(value: Any, param: Tensor, where: str) -> None:
+    _check_finite_moment(value, param, where)
+    if bool((value < 0).any()):
+        raise ValueError(f"{where} holds negative values; a second moment (squared gradients) cannot")
+
+
 def _relayout(value: Tensor, param: Tensor, dtype: torch.dtype) -> Tensor:
     """``value`` on the parameter's device, in ``dtype`` and the parameter's memory layout (the fused
     kernels take states with the parameter's strides)."""
@@ -190,11 +204,11 @@ def _convert_step_entry(value: Any, param: Tensor, group: Dict[str, Any]) -> Ten
 
 
 STATE_ENTRIES: Dict[str, StateEntry] = {
-    "exp_avg": StateEntry(_check_tensor_like_param, _convert_moment, required=True),
-    "exp_avg_sq": StateEntry(_check_tensor_like_param, _convert_moment, required=True),
-    "exp_avg_diff": StateEntry(_check_tensor_like_param, _convert_moment, required=True),
-    "neg_pre_grad": StateEntry(_check_tensor_like_param, _convert_moment),
-    "pre_grad": StateEntry(_check_tensor_like_param, _convert_pre_grad),
+    "exp_avg": StateEntry(_check_finite_moment, _convert_moment, required=True),
+    "exp_avg_sq": StateEntry(_check_second_moment, _convert_moment, required=True),
+    "exp_avg_diff": StateEntry(_check_finite_moment, _convert_moment, required=True),
+    "neg_pre_grad": StateEntry(_check_finite_moment, _convert_moment),
+    "pre_grad": StateEntry(_check_finite_moment, _convert_pre_grad),
     "step": StateEntry(_check_step_entry, _convert_step_entry),
 }
 # Keys stored under another name once loaded.
@@ -236,7 +250,7 @@ def prepare_param_state(st: Any, param: Tensor, group: Dict[str, Any], where: st
                          f"{sorted(STATE_ENTRIES)}): is this another optimizer's checkpoint?")
     missing = [k for k, e in STATE_ENTRIES.items() if e.required and k not in st]
     if missing:
-        raise ValueError(f"the checkpoint is truncated: {where} lacks {missing}")
+        raise ValueError(f"{where} lacks {missing}: the checkpoint is truncated")
     for key, value in st.items():
         STATE_ENTRIES[key].check(value, param, f"{where}['{key}']")
     out: Dict[str, Any] = {}

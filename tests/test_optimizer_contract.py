@@ -245,7 +245,7 @@ def test_a_refused_step_changes_nothing_in_any_group(path):
     (dict(no_prox="false"), "no_prox must be True or False"),
     (dict(caution=1), "caution must be True or False"),
     (dict(foreach="yes"), "foreach must be None, True or False"),
-    (dict(betas=(0.9, True, 0.9)), "betas[1]"),
+    (dict(betas=(0.9, False, 0.9)), "betas[1]"),
 ])
 def test_invalid_options_are_refused(kwargs, needle):
     with pytest.raises(ValueError) as err:
