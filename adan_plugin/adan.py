@@ -62,20 +62,33 @@ class Adan(Optimizer):
     Args:
         params: parameters or parameter groups.
         lr: learning rate.  Adan's peak lr is usually 5-10x AdamW's for vision.
+            ``lr``, ``eps``, ``weight_decay``, ``max_grad_norm`` and the betas
+            may be one-element tensors; they are checked when set (constructor,
+            ``add_param_group``, ``load_state_dict``) and, when CPU tensors (the
+            usual case: schedulers change them in place), again at every
+            ``step()`` without a device sync.  A CUDA tensor is only checked when
+            set, and ``step()`` reads it on the host: keep lr a float or a CPU tensor.
         betas: (beta1, beta2, beta3) in the code convention.
         eps: added to the denominator.
         weight_decay: decoupled weight decay.
         max_grad_norm: when > 0, every gradient is scaled by
             ``min(1, max_grad_norm / (||g|| + eps))`` with ``||g||`` the L2 norm
             over all gradients of all groups.  Computed on the device; ``p.grad``
-            is never modified.
+            is never modified.  Optimizer-wide, like ``skip_nonfinite``: every
+            group holds the same value (a group that does not name it inherits it).
         no_prox: apply weight decay AdamW-style instead of the proximal step.
         caution: timm's "Cautious Optimizers" masking of the momentum term.
-        foreach: use the ``torch._foreach_*`` path; ``None`` picks the faster
-            path for the device (single-tensor on CPU, foreach on GPU).
+        foreach: ``True``: the ``torch._foreach_*`` path; ``False``: the
+            single-tensor path (as in ``torch.optim``; an explicit value is not
+            fused unless ``fused=True``); ``None`` lets ``fused`` decide, else
+            the faster unfused path for the device (single-tensor on CPU,
+            foreach on GPU).
         fused: use the fused kernels (compiled, or Triton's on a GPU; see
-            ``fused_backend``); ``None`` uses them when available for the
-            parameters' device.
+            ``fused_backend``) for float32/bfloat16/float16/complex64 dense
+            parameters; parameters on meta may be given, as for torch's fused
+            optimizers, but a step on them is refused.  ``None`` uses them when
+            available for the parameters' device and every parameter of the
+            group is supported, else an unfused path (e.g. for float64).
         clip_process_group: for sharded optimizers (torch's
             ``ZeroRedundancyOptimizer``), where this optimizer holds only this
             rank's share of the model: ``'world'``, a group's name
@@ -88,7 +101,10 @@ class Adan(Optimizer):
             over their own mesh).  Every rank of the group must call ``step()``.
         state_dtype: dtype of the four state tensors on the fused path
             (``torch.bfloat16`` halves Adan's state memory for fp32
-            parameters); ``None``: the parameter's dtype.  Math stays fp32.
+            parameters); ``None``: the parameter's dtype, except fp32 for fp16
+            parameters (on every path).  ``torch.float16`` is refused:
+            ``exp_avg_sq`` would overflow for gradients above ~256.  Math is
+            fp32 for 16-bit parameters on every path.
         capturable: fused path only: keep the step count on the device so
             ``step()`` can be captured in a CUDA graph (see ``adan_plugin.fused``).
         fused_backend: force one fused backend: ``"cpu"``/``"cuda"`` (the
@@ -109,6 +125,15 @@ class Adan(Optimizer):
     the device, step count included.  The fused path does not implement
     ``caution``: ``fused=None`` then picks an unfused path, ``fused=True``
     raises ``ValueError``.
+
+    Every input is checked before anything changes: the constructor and
+    ``add_param_group`` raise ``ValueError`` naming a bad option, and
+    ``step()`` checks all groups (hyper-parameters, gradients, what the
+    fused kernels take) before its first write, so a refused step leaves
+    parameters, states and step counts as they were.  Gradients may have any
+    layout (a channels_last gradient of a contiguous parameter is copied into
+    the parameter's layout on the fused path).  For checkpoints see
+    :meth:`load_state_dict`.
     """
 
     def __init__(
