@@ -15,7 +15,7 @@ from .distributed import (any_sharded, check_grad_layout, check_groups_picklable
                           local_tensors, resolve_process_group)
 from .functional import MOMENT_KEYS, STATE_KEYS, _multi_tensor_adan, _single_tensor_adan  # noqa: F401
 from .fused import FUSED_DTYPES, fused_group_step
-from .validation import (GLOBAL_KEYS, check_group, default_state_dtype, prepare_state_dict,
+from .validation import (GLOBAL_KEYS, check_group, default_state_dtype, host_float, prepare_state_dict,
                          step_hyperparameters)
 
 # Options that only the fused kernels implement (their "off" values are None/False).
@@ -449,7 +449,7 @@ class Adan(Optimizer):
                     # Clip the unscaled gradients: ||g / s||^2 = ||g||^2 / s^2.
                     sq_norm = sq_norm / grad_scale.to(sq_norm.device, torch.float32, non_blocking=True).square()
                 if clip:
-                    grad_coef = clip_coefficient(sq_norm, max_grad_norm, self.defaults["eps"])
+                    grad_coef = clip_coefficient(sq_norm, max_grad_norm, host_float(self.defaults["eps"]))
                 if skip:
                     # A NaN or Inf anywhere makes the squared norm non-finite:
                     # skip the step the way GradScaler's found_inf does.

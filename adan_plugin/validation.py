@@ -98,6 +98,11 @@ def check_same_global_options(groups: Sequence[Dict[str, Any]], where: str = "")
                              f"must hold the same value; got {values}")
 
 
+def host_float(value: Any) -> float:
+    """A number or one-element tensor as a Python float (a host read for a device tensor)."""
+    return float(value.reshape(())) if isinstance(value, Tensor) else float(value)
+
+
 def step_hyperparameters(group: Dict[str, Any]) -> Dict[str, float]:
     """The group's hyper-parameters as host floats, for ``step()``.
 
@@ -109,11 +114,11 @@ def step_hyperparameters(group: Dict[str, Any]) -> Dict[str, float]:
     out = {}
     for name in ("lr", "eps", "weight_decay", "max_grad_norm"):
         value = group[name]
-        x = float(value.reshape(())) if isinstance(value, Tensor) else float(value)
+        x = host_float(value)
         if isinstance(value, Tensor) and value.device.type == "cpu" and not (x >= 0.0 and math.isfinite(x)):
             raise ValueError(f"Adan.step: {name} is a tensor that now holds {x!r}; it must be a finite number >= 0")
         out[name] = x
-    betas = [float(b.reshape(())) if isinstance(b, Tensor) else float(b) for b in group["betas"]]
+    betas = [host_float(b) for b in group["betas"]]
     out["beta1"], out["beta2"], out["beta3"] = betas
     return out
 

@@ -266,13 +266,14 @@ def test_add_param_group_refuses_and_adds_nothing(group):
 @pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("lr", [torch.tensor(1e-2), torch.tensor([1e-2]), torch.tensor([[1e-2]])],
                          ids=["0d", "1", "1x1"])
-def test_one_element_tensor_lr_steps_like_the_float(path, lr):
+def test_one_element_tensor_hyperparameters_step_like_floats(path, lr):
     runs = []
     for value in (1e-2, lr):
         gen = torch.Generator().manual_seed(0)
         p = torch.nn.Parameter(torch.randn(5, 3, generator=gen))
-        opt = Adan([p], lr=value, weight_decay=torch.tensor(0.02) if torch.is_tensor(value) else 0.02,
-                   **PATHS[path])
+        as_tensor = torch.is_tensor(value)
+        opt = Adan([p], lr=value, weight_decay=torch.tensor(0.25) if as_tensor else 0.25,
+                   eps=torch.tensor([2.0 ** -20]) if as_tensor else 2.0 ** -20, max_grad_norm=1.0, **PATHS[path])
         for _ in range(3):
             p.grad = torch.randn(5, 3, generator=gen)
             opt.step()
