@@ -18,7 +18,7 @@ def default_state_dtype(p, state_dtype):
     return state_dtype or (torch.float32 if p.dtype == torch.float16 else p.dtype)
 
 
-SETTINGS = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+SETTINGS = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 # ------------------------------------------------------------------ checkpoints
 GROUP_KEYS = ["lr", "betas", "eps", "weight_decay", "max_grad_norm", "no_prox", "caution", "foreach", "fused",
