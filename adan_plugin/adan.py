@@ -13,7 +13,7 @@ from . import _ext
 from .clip import clip_coefficient, grad_sq_norm
 from .distributed import (any_sharded, check_grad_layout, check_groups_picklable, check_process_group_spec,
                           local_tensors, resolve_process_group)
-from .functional import MOMENT_KEYS, STATE_KEYS, _multi_tensor_adan, _single_tensor_adan  # noqa: F401
+from .functional import MOMENT_KEYS, STATE_KEYS, _multi_tensor_adan, _single_tensor_adan  # noqa: F401 (STATE_KEYS re-exported)
 from .fused import FUSED_DTYPES, fused_group_step
 from .validation import (GLOBAL_KEYS, check_group, default_state_dtype, host_float, prepare_state_dict,
                          step_hyperparameters)

@@ -21,6 +21,8 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
+from .distributed import is_dtensor
+
 # Hyper-parameters (the checkpoint's, see Adan.load_state_dict) and execution choices (the constructor's).
 REQUIRED_HPARAMS = ("lr", "betas", "eps", "weight_decay")
 OPTIONAL_HPARAMS = ("max_grad_norm", "no_prox", "caution", "skip_nonfinite")
@@ -179,7 +181,6 @@ def _check_second_moment(value: Any, param: Tensor, where: str) -> None:
 def _relayout(value: Tensor, param: Tensor, dtype: torch.dtype) -> Tensor:
     """``value`` on the parameter's device, in ``dtype`` and the parameter's memory layout (the fused
     kernels take states with the parameter's strides)."""
-    from .distributed import is_dtensor
     if is_dtensor(value) or is_dtensor(param):
         return value.to(device=param.device, dtype=dtype)
     out = torch.empty_like(param, dtype=dtype, memory_format=torch.preserve_format)
