@@ -2,6 +2,7 @@
 math lives in :mod:`adan_plugin.functional`."""
 from __future__ import annotations
 
+from collections import defaultdict
 from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
 
 import torch
@@ -12,35 +13,14 @@ from . import _ext
 from .clip import clip_coefficient, grad_sq_norm
 from .distributed import (any_sharded, check_grad_layout, check_groups_picklable, check_process_group_spec,
                           local_tensors, resolve_process_group)
-from .functional import MOMENT_KEYS, STATE_KEYS, _multi_tensor_adan, _single_tensor_adan
-from .fused import fused_group_step
+from .functional import MOMENT_KEYS, STATE_KEYS, _multi_tensor_adan, _single_tensor_adan  # noqa: F401 (STATE_KEYS re-exported)
+from .fused import FUSED_DTYPES, fused_group_step
+from .validation import (GLOBAL_KEYS, check_group, default_state_dtype, host_float, prepare_state_dict,
+                         step_hyperparameters)
 
-_STATE_DTYPES = (None, torch.float32, torch.bfloat16, torch.float16)
-# Group keys that choose an execution path; load_state_dict keeps the current ones.
-_IMPL_KEYS = ("foreach", "fused", "state_dtype", "capturable", "fused_backend")
 # Options that only the fused kernels implement (their "off" values are None/False).
 _FUSED_ONLY = ("state_dtype", "capturable", "skip_nonfinite", "fused_backend")
-# Options that act on all groups together, so they are set once per optimizer.
-_GLOBAL_KEYS = ("max_grad_norm", "skip_nonfinite")
-
-
-
-def _check_hparams(group: Dict[str, Any]) -> None:
-    """Raise ``ValueError`` naming the first invalid hyper-parameter."""
-    for name in ("lr", "eps", "weight_decay", "max_grad_norm"):
-        value = group[name]
-        if isinstance(value, Tensor):
-            if value.numel() != 1:
-                raise ValueError(f"Adan: {name} must be a scalar, got a tensor of shape {tuple(value.shape)}")
-            continue
-        if not isinstance(value, (int, float)) or not value >= 0.0 or value == float("inf"):
-            raise ValueError(f"Adan: invalid {name}={value!r}; it must be a finite number >= 0")
-    betas = group["betas"]
-    if not isinstance(betas, (tuple, list)) or len(betas) != 3:
-        raise ValueError(f"Adan: betas must be a tuple of three floats (beta1, beta2, beta3), got {betas!r}")
-    for i, beta in enumerate(betas):
-        if not isinstance(beta, (int, float)) or not 0.0 <= beta < 1.0:
-            raise ValueError(f"Adan: invalid betas[{i}]={beta!r}; each beta must lie in [0, 1)")
+_FUSED_REFUSAL = "`fused=True` requires all the params to be floating point Tensors of supported devices"
 
 
 def _triton_lacks(group: Dict[str, Any]) -> List[str]:
@@ -82,20 +62,33 @@ class Adan(Optimizer):
     Args:
         params: parameters or parameter groups.
         lr: learning rate.  Adan's peak lr is usually 5-10x AdamW's for vision.
+            ``lr``, ``eps``, ``weight_decay``, ``max_grad_norm`` and the betas
+            may be one-element tensors; they are checked when set (constructor,
+            ``add_param_group``, ``load_state_dict``) and, when CPU tensors (the
+            usual case: schedulers change them in place), again at every
+            ``step()`` without a device sync.  A CUDA tensor is only checked when
+            set, and ``step()`` reads it on the host: keep lr a float or a CPU tensor.
         betas: (beta1, beta2, beta3) in the code convention.
         eps: added to the denominator.
         weight_decay: decoupled weight decay.
         max_grad_norm: when > 0, every gradient is scaled by
             ``min(1, max_grad_norm / (||g|| + eps))`` with ``||g||`` the L2 norm
             over all gradients of all groups.  Computed on the device; ``p.grad``
-            is never modified.
+            is never modified.  Optimizer-wide, like ``skip_nonfinite``: every
+            group holds the same value (a group that does not name it inherits it).
         no_prox: apply weight decay AdamW-style instead of the proximal step.
         caution: timm's "Cautious Optimizers" masking of the momentum term.
-        foreach: use the ``torch._foreach_*`` path; ``None`` picks the faster
-            path for the device (single-tensor on CPU, foreach on GPU).
+        foreach: ``True``: the ``torch._foreach_*`` path; ``False``: the
+            single-tensor path (as in ``torch.optim``; an explicit value is not
+            fused unless ``fused=True``); ``None`` lets ``fused`` decide, else
+            the faster unfused path for the device (single-tensor on CPU,
+            foreach on GPU).
         fused: use the fused kernels (compiled, or Triton's on a GPU; see
-            ``fused_backend``); ``None`` uses them when available for the
-            parameters' device.
+            ``fused_backend``) for float32/bfloat16/float16/complex64 dense
+            parameters; parameters on meta may be given, as for torch's fused
+            optimizers, but a step on them is refused.  ``None`` uses them when
+            available for the parameters' device and every parameter of the
+            group is supported, else an unfused path (e.g. for float64).
         clip_process_group: for sharded optimizers (torch's
             ``ZeroRedundancyOptimizer``), where this optimizer holds only this
             rank's share of the model: ``'world'``, a group's name
@@ -108,7 +101,10 @@ class Adan(Optimizer):
             over their own mesh).  Every rank of the group must call ``step()``.
         state_dtype: dtype of the four state tensors on the fused path
             (``torch.bfloat16`` halves Adan's state memory for fp32
-            parameters); ``None``: the parameter's dtype.  Math stays fp32.
+            parameters); ``None``: the parameter's dtype, except fp32 for fp16
+            parameters (on every path).  ``torch.float16`` is refused:
+            ``exp_avg_sq`` would overflow for gradients above ~256.  Math is
+            fp32 for 16-bit parameters on every path.
         capturable: fused path only: keep the step count on the device so
             ``step()`` can be captured in a CUDA graph (see ``adan_plugin.fused``).
         fused_backend: force one fused backend: ``"cpu"``/``"cuda"`` (the
@@ -129,6 +125,15 @@ class Adan(Optimizer):
     the device, step count included.  The fused path does not implement
     ``caution``: ``fused=None`` then picks an unfused path, ``fused=True``
     raises ``ValueError``.
+
+    Every input is checked before anything changes: the constructor and
+    ``add_param_group`` raise ``ValueError`` naming a bad option, and
+    ``step()`` checks all groups (hyper-parameters, gradients, what the
+    fused kernels take) before its first write, so a refused step leaves
+    parameters, states and step counts as they were.  Gradients may have any
+    layout (a channels_last gradient of a contiguous parameter is copied into
+    the parameter's layout on the fused path).  For checkpoints see
+    :meth:`load_state_dict`.
     """
 
     def __init__(
@@ -155,9 +160,7 @@ class Adan(Optimizer):
             caution=caution, foreach=foreach, fused=fused, state_dtype=state_dtype, capturable=capturable,
             skip_nonfinite=skip_nonfinite, fused_backend=fused_backend,
         )
-        _check_hparams(defaults)
-        if fused and foreach:
-            raise ValueError("Adan: fused=True and foreach=True are mutually exclusive")
+        check_group(defaults)
         check_process_group_spec(clip_process_group)
         # An attribute, not a group key: a ProcessGroup cannot go into a
         # state_dict, and the norm spans all groups anyway.
@@ -170,16 +173,21 @@ class Adan(Optimizer):
 
     # ------------------------------------------------------------------ groups
     def add_param_group(self, param_group: Dict[str, Any]) -> None:
+        if isinstance(param_group, dict) and self.param_groups:
+            # Optimizer-wide options: a new group inherits the current value
+            # (which may come from a checkpoint), not the constructor's.
+            param_group = {**{k: self.param_groups[0][k] for k in GLOBAL_KEYS}, **param_group}
         super().add_param_group(param_group)
         group = self.param_groups[-1]
         try:
-            _check_hparams(group)
-            for key in _GLOBAL_KEYS:
-                if group[key] != self.defaults[key]:
+            check_group(group)
+            for key in GLOBAL_KEYS:
+                first = self.param_groups[0][key]
+                if group[key] != first:
                     raise ValueError(
                         f"Adan: {key} acts on the gradients of all groups together, so it is set once "
                         f"for the optimizer (got {group[key]!r} in a group, "
-                        f"{self.defaults[key]!r} for the optimizer)")
+                        f"{first!r} for the optimizer)")
             self._check_fused_options(group)
             if self._needs_fused(group):
                 self._check_fused_possible(group)
@@ -190,8 +198,6 @@ class Adan(Optimizer):
     @staticmethod
     def _check_fused_options(group: Dict[str, Any]) -> None:
         """Options only the fused kernels implement, and the one they do not."""
-        if group["state_dtype"] not in _STATE_DTYPES:
-            raise ValueError(f"Adan: state_dtype must be one of {_STATE_DTYPES}, got {group['state_dtype']!r}")
         if group["fused_backend"] not in (None,) + _ext.FUSED_BACKENDS:
             raise ValueError(f"Adan: fused_backend must be None or one of {_ext.FUSED_BACKENDS}, "
                              f"got {group['fused_backend']!r}")
@@ -208,6 +214,12 @@ class Adan(Optimizer):
             raise ValueError("Adan: the fused kernels do not implement caution=True (its per-tensor "
                              "mask mean needs a second pass); use fused=None or fused=False")
 
+    def _check_honourable(self, group: Dict[str, Any]) -> None:
+        """What ``group`` asks for (a checkpoint's options) can run with this optimizer's choices."""
+        self._check_fused_options(group)
+        if self._needs_fused(group):
+            self._check_fused_possible(group)
+
     @staticmethod
     def _needs_fused(group: Dict[str, Any]) -> bool:
         return bool(group["fused"]) or (group["fused"] is None and any(
@@ -219,11 +231,11 @@ class Adan(Optimizer):
             return bool(group["fused"])
         if self._needs_fused(group):  # a fused-only option: fused or a clear error
             return True
-        if group["foreach"] or group["caution"]:
-            return False
-        # The kernels take dense parameters only; a group holding a strided
-        # view (timm's optimizer tests use one) steps on an unfused path.
-        return all(_is_dense(p) for p in group["params"]) and all(
+        if group["foreach"] is not None or group["caution"]:
+            return False  # an explicit foreach=False/True names an unfused path, as in torch
+        # The kernels take dense fp32/bf16/fp16 parameters only; any other
+        # group (float64, a strided view as in timm's tests) steps unfused.
+        return all(p.dtype in FUSED_DTYPES and _is_dense(p) for p in group["params"]) and all(
             _ext.select_fused_backend(device, None, _triton_lacks(group))[0] is not None
             for device in {p.device for p in group["params"]})
 
@@ -247,10 +259,25 @@ class Adan(Optimizer):
         return all(self._uses_fused(group) for group in self.param_groups)
 
     def _check_fused_possible(self, group: Dict[str, Any]) -> None:
-        for device in {p.device for p in group["params"]}:
-            backend, why = _ext.select_fused_backend(device, group["fused_backend"], _triton_lacks(group))
-            if backend is None:
-                raise RuntimeError(f"Adan(fused=True): no fused backend for parameters on {device}: {why}")
+        for p in group["params"]:
+            # Meta parameters are allowed here (build on meta, to_empty(), then
+            # step), as torch's fused optimizers allow; step() checks again.
+            problem = self._fused_problem(p, group, allow_meta=True)
+            if problem:
+                raise RuntimeError(f"Adan(fused=True): {_FUSED_REFUSAL} (float32, bfloat16, float16, "
+                                   f"complex64, dense, on a device with a fused backend): {problem}")
+
+    @staticmethod
+    def _fused_problem(p: Tensor, group: Dict[str, Any], allow_meta: bool = False) -> str:
+        """Why the fused kernels cannot step ``p`` ('' when they can)."""
+        if p.dtype not in FUSED_DTYPES:
+            return f"a parameter has dtype {p.dtype}"
+        if not _is_dense(p):
+            return f"a parameter is a non-dense view (strides {p.stride()})"
+        if allow_meta and p.device.type == "meta":
+            return ""
+        backend, why = _ext.select_fused_backend(p.device, group["fused_backend"], _triton_lacks(group))
+        return "" if backend is not None else f"no fused backend for parameters on {p.device}: {why}"
 
     def __getstate__(self) -> Dict[str, Any]:
         # Optimizer.__getstate__ keeps only defaults, state and groups; losing
@@ -267,66 +294,46 @@ class Adan(Optimizer):
         # mmpretrain's Adan keeps the previous gradient itself ('pre_grad');
         # ours, like the official and timm versions, keeps its negation.
         for st in self.state.values():
-            if "pre_grad" in st and "neg_pre_grad" not in st:
+            if isinstance(st, dict) and "pre_grad" in st and "neg_pre_grad" not in st:
                 st["neg_pre_grad"] = st.pop("pre_grad").neg()
 
     # ------------------------------------------------------------ checkpoints
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
         """Load a checkpoint from this class, the official, timm's or mmpretrain's Adan.
 
-        The checkpoint is checked completely before anything is changed, so a
-        truncated or mismatched one raises ``ValueError`` and leaves the
-        optimizer as it was.
-        """
-        self._validate_state_dict(state_dict)
-        # How to run is this optimizer's choice, not the checkpoint's: a
-        # checkpoint from a fused run must load where the kernels are absent.
-        impl = [{k: g.get(k) for k in _IMPL_KEYS} for g in self.param_groups]
-        super().load_state_dict(state_dict)
-        for group, keep in zip(self.param_groups, impl):
-            group.update(keep)
-        # torch casts every state tensor to its parameter's dtype on load;
-        # reduced-precision states (state_dtype) go back to their dtype.
-        for group in self.param_groups:
-            if group.get("state_dtype") is None:
-                continue
-            for p in group["params"]:
-                st = self.state.get(p, {})
-                for key in STATE_KEYS:
-                    if key in st and st[key].dtype != group["state_dtype"]:
-                        st[key] = st[key].to(group["state_dtype"])
+        The checkpoint is checked completely (every group key, every state
+        entry: tensor, shape, dtype, no meta tensors, step counts) before
+        anything is changed, so a truncated, corrupted or foreign (SGD, AdamW)
+        one raises ``ValueError`` naming the problem and leaves the optimizer
+        as it was.
 
-    def _validate_state_dict(self, state_dict: Dict[str, Any]) -> None:
-        if not isinstance(state_dict, dict) or "state" not in state_dict or "param_groups" not in state_dict:
-            raise ValueError("Adan.load_state_dict: expected a dict with 'state' and 'param_groups' "
-                             f"(an optimizer state_dict), got {type(state_dict).__name__}"
-                             + (f" with keys {sorted(state_dict)}" if isinstance(state_dict, dict) else ""))
-        saved_groups = state_dict["param_groups"]
-        if len(saved_groups) != len(self.param_groups):
-            raise ValueError(f"Adan.load_state_dict: the checkpoint has {len(saved_groups)} parameter groups, "
-                             f"this optimizer has {len(self.param_groups)}")
-        index_to_param = {}
-        for gi, (saved, ours) in enumerate(zip(saved_groups, self.param_groups)):
-            if len(saved["params"]) != len(ours["params"]):
-                raise ValueError(f"Adan.load_state_dict: group {gi} has {len(saved['params'])} parameters in "
-                                 f"the checkpoint and {len(ours['params'])} here")
-            merged = {**self.defaults, **{k: v for k, v in saved.items() if k != "params"}}
-            _check_hparams(merged)
-            index_to_param.update(zip(saved["params"], ours["params"]))
-        for index, st in state_dict["state"].items():
-            if index not in index_to_param:
-                raise ValueError(f"Adan.load_state_dict: state for parameter id {index!r}, "
-                                 "which no parameter group lists")
-            param = index_to_param[index]
-            missing = [k for k in MOMENT_KEYS if k not in st]
-            if missing:
-                raise ValueError(f"Adan.load_state_dict: the checkpoint is truncated: the state of parameter "
-                                 f"{index!r} lacks {missing}")
-            for key in STATE_KEYS + ("pre_grad",):
-                value = st.get(key)
-                if value is not None and tuple(value.shape) != tuple(param.shape):
-                    raise ValueError(f"Adan.load_state_dict: state '{key}' of parameter {index!r} has shape "
-                                     f"{tuple(value.shape)}, the parameter has {tuple(param.shape)}")
+        What ``param_groups`` says after loading is what ``step()`` does:
+
+        * hyper-parameters (``lr``, ``betas``, ``eps``, ``weight_decay``,
+          ``max_grad_norm``, ``no_prox``, ``caution``, ``skip_nonfinite`` and
+          any extra key such as a scheduler's ``initial_lr``) come from the
+          checkpoint; one it lacks (other Adans have no ``max_grad_norm``)
+          keeps this optimizer's value;
+        * execution choices (``fused``, ``foreach``, ``state_dtype``,
+          ``capturable``) stay this optimizer's: a checkpoint of a fused run
+          loads where the kernels are absent;
+        * an option this optimizer cannot honour (``caution=True`` into a
+          fused-only optimizer, ``skip_nonfinite=True`` into ``fused=False``)
+          or groups that disagree on an optimizer-wide option
+          (``max_grad_norm``, ``skip_nonfinite``) is refused.
+
+        States are stored in this optimizer's state dtype (fp16 states of an
+        older checkpoint load as fp32) and in the parameter's memory layout.
+        """
+        state_dict = state_dict.copy() if isinstance(state_dict, dict) else state_dict
+        for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
+            result = pre_hook(self, state_dict)
+            if result is not None:
+                state_dict = result
+        groups, state = prepare_state_dict(state_dict, self.param_groups, self._check_honourable)
+        self.__setstate__({"state": defaultdict(dict, state), "param_groups": groups})
+        for post_hook in self._optimizer_load_state_dict_post_hooks.values():
+            post_hook(self)
 
     # ------------------------------------------------------------------ step
     @torch.no_grad()
@@ -379,18 +386,39 @@ class Adan(Optimizer):
         first_step = group["step"] == 1
         for p, g in zip(params, grads):
             state = self.state[p]
+            sd = default_state_dtype(p, None)
             if len(state) == 0:
                 for key in MOMENT_KEYS:
-                    state[key] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                    state[key] = torch.zeros_like(p, dtype=sd, memory_format=torch.preserve_format)
             if first_step or "neg_pre_grad" not in state:
                 # A parameter's first gradient has no predecessor: seeding
                 # -g makes the difference zero, as Algorithm 1 specifies.
-                state["neg_pre_grad"] = g.neg() if grad_coef is None else (g * grad_coef).neg_()
+                seed = torch.empty_like(p, dtype=sd, memory_format=torch.preserve_format).copy_(g)
+                if grad_coef is not None:
+                    seed.mul_(grad_coef)
+                state["neg_pre_grad"] = seed.neg_()
             m.append(state["exp_avg"])
             n.append(state["exp_avg_sq"])
             d.append(state["exp_avg_diff"])
             neg.append(state["neg_pre_grad"])
         return m, n, d, neg
+
+    def _check_step(self, gathered, fused: List[bool]) -> List[Dict[str, float]]:
+        """Everything ``step()`` could refuse, checked before its first write; the groups'
+        hyper-parameters as host floats."""
+        hypers = []
+        for group, (params, _), is_fused in zip(self.param_groups, gathered, fused):
+            hypers.append(step_hyperparameters(group))
+            if not is_fused or not params:
+                continue
+            if group["caution"]:
+                raise ValueError("Adan: the fused kernels do not implement caution=True; use fused=False")
+            for p in params:
+                problem = self._fused_problem(p, group)
+                if problem:
+                    raise RuntimeError(f"Adan(fused=True): {_FUSED_REFUSAL} (float32, bfloat16, float16, "
+                                       f"complex64, dense, on a device with a fused backend): {problem}")
+        return hypers
 
     @torch.no_grad()
     def step(self, closure: Optional[Callable[[], Any]] = None):
@@ -401,12 +429,16 @@ class Adan(Optimizer):
                 loss = closure()
 
         gathered = [self._gather(group) for group in self.param_groups]
+        fused = [self._uses_fused(group) for group in self.param_groups]
+        hypers = self._check_step(gathered, fused)
+        # Optimizer-wide options: every group holds the same value (checked when set).
+        max_grad_norm, skip = hypers[0]["max_grad_norm"], self.param_groups[0]["skip_nonfinite"]
         # Set by torch.amp.GradScaler.step() when _step_supports_amp_scaling:
         # device tensors, never read here.
         grad_scale = getattr(self, "grad_scale", None)
         found_inf = getattr(self, "found_inf", None)
         grad_coef = None
-        clip, skip = self.defaults["max_grad_norm"] > 0, self.defaults.get("skip_nonfinite")
+        clip = max_grad_norm > 0
         if clip or skip:
             all_grads = [g for _, grads in gathered for g in grads]
             clip_group = resolve_process_group(self.clip_process_group)
@@ -417,7 +449,7 @@ class Adan(Optimizer):
                     # Clip the unscaled gradients: ||g / s||^2 = ||g||^2 / s^2.
                     sq_norm = sq_norm / grad_scale.to(sq_norm.device, torch.float32, non_blocking=True).square()
                 if clip:
-                    grad_coef = clip_coefficient(sq_norm, self.defaults["max_grad_norm"], self.defaults["eps"])
+                    grad_coef = clip_coefficient(sq_norm, max_grad_norm, host_float(self.defaults["eps"]))
                 if skip:
                     # A NaN or Inf anywhere makes the squared norm non-finite:
                     # skip the step the way GradScaler's found_inf does.
@@ -428,9 +460,9 @@ class Adan(Optimizer):
                     found_inf = nonfinite if found_inf is None else torch.maximum(
                         found_inf.to(nonfinite.device, torch.float32, non_blocking=True), nonfinite)
 
-        for group, (params, grads) in zip(self.param_groups, gathered):
-            if self._uses_fused(group):
-                fused_group_step(self, group, params, grads, grad_coef, grad_scale, found_inf)
+        for group, (params, grads), is_fused, hp in zip(self.param_groups, gathered, fused, hypers):
+            if is_fused:
+                fused_group_step(self, group, params, grads, grad_coef, grad_scale, found_inf, hp)
                 continue
             # Like the official, timm and mmpretrain versions, the step count
             # advances for every group, with or without gradients.
@@ -438,7 +470,6 @@ class Adan(Optimizer):
             if not params:
                 continue
             m, n, d, neg = self._init_state(group, params, grads, grad_coef)
-            beta1, beta2, beta3 = group["betas"]
             impl = self._resolve_impl(group, params)
             if group["caution"] and any_sharded(params):
                 # Caution rescales its mask by the mean over the whole parameter:
@@ -450,8 +481,8 @@ class Adan(Optimizer):
                 params, grads, m, n, d, neg = local_tensors(params, grads, m, n, d, neg)
             impl(
                 params, grads, m, n, d, neg,
-                step=group["step"], lr=group["lr"], beta1=beta1, beta2=beta2, beta3=beta3,
-                eps=group["eps"], weight_decay=group["weight_decay"], no_prox=group["no_prox"],
+                step=group["step"], lr=hp["lr"], beta1=hp["beta1"], beta2=hp["beta2"], beta3=hp["beta3"],
+                eps=hp["eps"], weight_decay=hp["weight_decay"], no_prox=group["no_prox"],
                 caution=group["caution"], grad_coef=grad_coef,
             )
         return loss

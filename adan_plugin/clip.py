@@ -24,15 +24,16 @@ from .distributed import collective_device, is_dtensor, shard_groups
 
 def _local_sq_norm(tensors: List[Tensor], device: torch.device) -> Tensor:
     """Sum of squares of plain tensors, per device in fp32, moved to ``device``."""
-    by_device: Dict[torch.device, List[Tensor]] = defaultdict(list)
+    by_device: Dict[Tuple[torch.device, bool], List[Tensor]] = defaultdict(list)
     for g in tensors:
         if torch.is_complex(g):
             g = torch.view_as_real(g)
-        by_device[g.device].append(g)
+        by_device[(g.device, g.dtype == torch.float64)].append(g)
     total = torch.zeros((), dtype=torch.float32, device=device)
-    for dev_tensors in by_device.values():
-        # fp32 accumulation, so that fp16/bf16 gradients do not overflow.
-        norms = torch._foreach_norm(dev_tensors, 2, dtype=torch.float32)
+    for (_, fp64), dev_tensors in by_device.items():
+        # fp32 accumulation, so that fp16/bf16 gradients do not overflow;
+        # fp64 gradients keep fp64 (the total then becomes fp64).
+        norms = torch._foreach_norm(dev_tensors, 2, dtype=torch.float64 if fp64 else torch.float32)
         part = torch.linalg.vector_norm(torch.stack(norms)).square()
         # A non-blocking copy into host memory could be read before it lands.
         total = total + part.to(device, non_blocking=device.type != "cpu")

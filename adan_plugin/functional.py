@@ -14,7 +14,7 @@ gradient difference is zero there.
 from __future__ import annotations
 
 import math
-from typing import List, Optional
+from typing import Dict, List, Optional
 
 import torch
 from torch import Tensor
@@ -40,6 +40,35 @@ def _caution_mask(exp_avg: Tensor, grad: Tensor) -> Tensor:
     return mask.div_(mask.mean().clamp_(min=1e-3))
 
 
+def _upcast(tensors):
+    """fp32 working copies of 16-bit tensors (fp32/fp64 ones are used as they are)."""
+    return [t.float() if t.dtype in (torch.float16, torch.bfloat16) else t for t in tensors]
+
+
+def _adan_one(param: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, exp_avg_diff: Tensor,
+              neg: Tensor, *, step_size: float, step_size_diff: float, bc3_sqrt: float, lr: float,
+              beta1: float, beta2: float, beta3: float, eps: float, weight_decay: float, no_prox: bool,
+              caution: bool, grad_coef: Optional[Tensor]) -> None:
+    if grad_coef is not None:
+        grad = grad * grad_coef
+    # ``neg`` is reused as scratch: first the difference g - g_prev, then
+    # g + beta2 * diff, and finally -g for the next step.
+    neg.add_(grad)
+    exp_avg.lerp_(grad, 1 - beta1)
+    exp_avg_diff.lerp_(neg, 1 - beta2)
+    neg.mul_(beta2).add_(grad)
+    exp_avg_sq.mul_(beta3).addcmul_(neg, neg, value=1 - beta3)
+    denom = exp_avg_sq.sqrt().div_(bc3_sqrt).add_(eps)
+    m = exp_avg * _caution_mask(exp_avg, grad) if caution else exp_avg
+    if weight_decay != 0 and no_prox:
+        param.mul_(1 - lr * weight_decay)
+    param.addcdiv_(m, denom, value=-step_size)
+    param.addcdiv_(exp_avg_diff, denom, value=-step_size_diff)
+    if weight_decay != 0 and not no_prox:
+        param.div_(1 + lr * weight_decay)
+    torch.neg(grad, out=neg)
+
+
 def _single_tensor_adan(
     params: List[Tensor],
     grads: List[Tensor],
@@ -60,31 +89,19 @@ def _single_tensor_adan(
     grad_coef: Optional[Tensor] = None,
 ) -> None:
     bc1, bc2, bc3_sqrt = _bias_corrections(step, beta1, beta2, beta3)
-    step_size = lr / bc1
-    step_size_diff = lr * beta2 / bc2
-    for param, grad, exp_avg, exp_avg_sq, exp_avg_diff, neg in zip(
-            params, grads, exp_avgs, exp_avg_sqs, exp_avg_diffs, neg_pre_grads):
-        if torch.is_complex(param):
-            param, grad, exp_avg, exp_avg_sq, exp_avg_diff, neg = (
-                torch.view_as_real(t) for t in (param, grad, exp_avg, exp_avg_sq, exp_avg_diff, neg))
-        if grad_coef is not None:
-            grad = grad * grad_coef
-        # ``neg`` is reused as scratch: first the difference g - g_prev, then
-        # g + beta2 * diff, and finally -g for the next step.
-        neg.add_(grad)
-        exp_avg.lerp_(grad, 1 - beta1)
-        exp_avg_diff.lerp_(neg, 1 - beta2)
-        neg.mul_(beta2).add_(grad)
-        exp_avg_sq.mul_(beta3).addcmul_(neg, neg, value=1 - beta3)
-        denom = exp_avg_sq.sqrt().div_(bc3_sqrt).add_(eps)
-        m = exp_avg * _caution_mask(exp_avg, grad) if caution else exp_avg
-        if weight_decay != 0 and no_prox:
-            param.mul_(1 - lr * weight_decay)
-        param.addcdiv_(m, denom, value=-step_size)
-        param.addcdiv_(exp_avg_diff, denom, value=-step_size_diff)
-        if weight_decay != 0 and not no_prox:
-            param.div_(1 + lr * weight_decay)
-        torch.neg(grad, out=neg)
+    hyper = dict(step_size=lr / bc1, step_size_diff=lr * beta2 / bc2, bc3_sqrt=bc3_sqrt, lr=lr, beta1=beta1,
+                 beta2=beta2, beta3=beta3, eps=eps, weight_decay=weight_decay, no_prox=no_prox,
+                 caution=caution, grad_coef=grad_coef)
+    for tensors in zip(params, grads, exp_avgs, exp_avg_sqs, exp_avg_diffs, neg_pre_grads):
+        if torch.is_complex(tensors[0]):
+            tensors = tuple(torch.view_as_real(t) for t in tensors)
+        # 16-bit tensors: fp32 math on working copies, written back once (eps
+        # alone underflows to 0 in fp16), as the fused kernels do in registers.
+        work = _upcast(tensors)
+        _adan_one(*work, **hyper)
+        for t, w in zip(tensors, work):
+            if w is not t and t is not tensors[1]:
+                t.copy_(w)
 
 
 def _multi_tensor_adan(
@@ -109,34 +126,49 @@ def _multi_tensor_adan(
     if not params:
         return
     bc1, bc2, bc3_sqrt = _bias_corrections(step, beta1, beta2, beta3)
-    grouped = torch.optim.Optimizer._group_tensors_by_device_and_dtype(
-        [params, grads, exp_avgs, exp_avg_sqs, exp_avg_diffs, neg_pre_grads])
-    for (device_params, device_grads, device_m, device_n, device_d, device_neg), _ in grouped.values():
-        if torch.is_complex(device_params[0]):
-            device_params, device_grads, device_m, device_n, device_d, device_neg = (
-                [torch.view_as_real(t) for t in ts]
-                for ts in (device_params, device_grads, device_m, device_n, device_d, device_neg))
-        if grad_coef is not None:
-            coef = grad_coef.to(device_grads[0].device, non_blocking=True)
-            device_grads = torch._foreach_mul(device_grads, coef)
-        torch._foreach_add_(device_neg, device_grads)
-        torch._foreach_lerp_(device_m, device_grads, 1 - beta1)
-        torch._foreach_lerp_(device_d, device_neg, 1 - beta2)
-        torch._foreach_mul_(device_neg, beta2)
-        torch._foreach_add_(device_neg, device_grads)
-        torch._foreach_mul_(device_n, beta3)
-        torch._foreach_addcmul_(device_n, device_neg, device_neg, value=1 - beta3)
-        denom = torch._foreach_sqrt(device_n)
-        torch._foreach_div_(denom, bc3_sqrt)
-        torch._foreach_add_(denom, eps)
-        m = device_m
-        if caution:
-            m = torch._foreach_mul(device_m, [_caution_mask(a, g) for a, g in zip(device_m, device_grads)])
-        if weight_decay != 0 and no_prox:
-            torch._foreach_mul_(device_params, 1 - lr * weight_decay)
-        torch._foreach_addcdiv_(device_params, m, denom, value=-lr / bc1)
-        torch._foreach_addcdiv_(device_params, device_d, denom, value=-lr * beta2 / bc2)
-        if weight_decay != 0 and not no_prox:
-            torch._foreach_div_(device_params, 1 + lr * weight_decay)
-        torch._foreach_copy_(device_neg, device_grads)
-        torch._foreach_neg_(device_neg)
+    # One bucket per (device, parameter dtype, state dtype): torch's grouping
+    # helper wants one dtype across the lists, and fp16 parameters keep fp32 states.
+    buckets: Dict[tuple, List[int]] = {}
+    for i, (p, m) in enumerate(zip(params, exp_avgs)):
+        buckets.setdefault((p.device, p.dtype, m.dtype), []).append(i)
+    for idx in buckets.values():
+        lists = [[ts[i] for i in idx] for ts in (params, grads, exp_avgs, exp_avg_sqs, exp_avg_diffs, neg_pre_grads)]
+        if torch.is_complex(lists[0][0]):
+            lists = [[torch.view_as_real(t) for t in ts] for ts in lists]
+        work = [_upcast(ts) for ts in lists]
+        _multi_tensor_adan_bucket(*work, bc1=bc1, bc2=bc2, bc3_sqrt=bc3_sqrt, lr=lr, beta1=beta1, beta2=beta2,
+                                  beta3=beta3, eps=eps, weight_decay=weight_decay, no_prox=no_prox,
+                                  caution=caution, grad_coef=grad_coef)
+        for k in (0, 2, 3, 4, 5):  # never the gradients
+            changed = [(t, w) for t, w in zip(lists[k], work[k]) if w is not t]
+            if changed:
+                torch._foreach_copy_([t for t, _ in changed], [w for _, w in changed])
+
+
+def _multi_tensor_adan_bucket(device_params, device_grads, device_m, device_n, device_d, device_neg, *,
+                              bc1, bc2, bc3_sqrt, lr, beta1, beta2, beta3, eps, weight_decay, no_prox,
+                              caution, grad_coef) -> None:
+    if grad_coef is not None:
+        coef = grad_coef.to(device_grads[0].device, non_blocking=True)
+        device_grads = torch._foreach_mul(device_grads, coef)
+    torch._foreach_add_(device_neg, device_grads)
+    torch._foreach_lerp_(device_m, device_grads, 1 - beta1)
+    torch._foreach_lerp_(device_d, device_neg, 1 - beta2)
+    torch._foreach_mul_(device_neg, beta2)
+    torch._foreach_add_(device_neg, device_grads)
+    torch._foreach_mul_(device_n, beta3)
+    torch._foreach_addcmul_(device_n, device_neg, device_neg, value=1 - beta3)
+    denom = torch._foreach_sqrt(device_n)
+    torch._foreach_div_(denom, bc3_sqrt)
+    torch._foreach_add_(denom, eps)
+    m = device_m
+    if caution:
+        m = torch._foreach_mul(device_m, [_caution_mask(a, g) for a, g in zip(device_m, device_grads)])
+    if weight_decay != 0 and no_prox:
+        torch._foreach_mul_(device_params, 1 - lr * weight_decay)
+    torch._foreach_addcdiv_(device_params, m, denom, value=-lr / bc1)
+    torch._foreach_addcdiv_(device_params, device_d, denom, value=-lr * beta2 / bc2)
+    if weight_decay != 0 and not no_prox:
+        torch._foreach_div_(device_params, 1 + lr * weight_decay)
+    torch._foreach_copy_(device_neg, device_grads)
+    torch._foreach_neg_(device_neg)

@@ -23,9 +23,12 @@ import torch
 from torch import Tensor
 
 from . import _ext
-from .distributed import local_tensors
-from .functional import MOMENT_KEYS
+from .distributed import is_dtensor, local_tensors
+from .functional import MOMENT_KEYS, STATE_KEYS
+from .validation import default_state_dtype
 
+# Parameter dtypes the kernels take (complex64 as its float32 view).
+FUSED_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.complex64)
 
 
 def _scalar_on(t: Optional[Tensor], device: torch.device) -> Optional[Tensor]:
@@ -115,10 +118,25 @@ def _device_step(value: Any, device: torch.device) -> Tensor:
     return torch.full((), float(value), dtype=torch.float32, device=device)
 
 
+def _in_layout_of(t: Tensor, p: Tensor) -> Tensor:
+    """``t`` with ``p``'s strides: the kernels take every tensor of a parameter in its layout.
+
+    A gradient or state in another layout (a channels_last gradient of a
+    contiguous parameter, a state loaded or created before the parameter
+    changed layout) is copied; in the common case nothing is.
+    """
+    if t.stride() == p.stride() or is_dtensor(t) or is_dtensor(p):
+        return t
+    return torch.empty_like(p, dtype=t.dtype, memory_format=torch.preserve_format).copy_(t)
+
+
 def fused_group_step(optimizer, group: Dict[str, Any], params: List[Tensor], grads: List[Tensor],
                      grad_coef: Optional[Tensor], grad_scale: Optional[Tensor],
-                     found_inf: Optional[Tensor]) -> None:
-    """Advance ``group``'s step count and apply the fused update to ``params``."""
+                     found_inf: Optional[Tensor], hparams: Optional[Dict[str, float]] = None) -> None:
+    """Advance ``group``'s step count and apply the fused update to ``params``.
+
+    ``hparams``: the group's hyper-parameters as host floats (``Adan.step`` reads them once).
+    """
     # Once a group counts on the device it stays there: its per-parameter
     # counts are then the only record of which first steps were skipped.
     device_mode = bool(group.get("capturable")) or found_inf is not None or isinstance(group.get("step"), Tensor)
@@ -129,15 +147,18 @@ def fused_group_step(optimizer, group: Dict[str, Any], params: List[Tensor], gra
         home = (params or group["params"])[0].device
         step_t = _device_step(group.get("step", 0), home)
         group["step"] = step_t
+    grads = [_in_layout_of(g, p) for p, g in zip(params, grads)]
     for p in params:
         state = optimizer.state[p]
-        sd = state_dtype or p.dtype
+        sd = default_state_dtype(p, state_dtype)
         is_fresh = len(state) == 0 or "neg_pre_grad" not in state
         if len(state) == 0:
             for key in MOMENT_KEYS:
                 state[key] = torch.zeros_like(p, dtype=sd, memory_format=torch.preserve_format)
         if "neg_pre_grad" not in state:
             state["neg_pre_grad"] = torch.zeros_like(state["exp_avg"], memory_format=torch.preserve_format)
+        for key in STATE_KEYS:
+            state[key] = _in_layout_of(state[key], p)
         if device_mode:
             ps = state.get("step")
             if ps is None:
@@ -154,10 +175,13 @@ def fused_group_step(optimizer, group: Dict[str, Any], params: List[Tensor], gra
         d.append(state["exp_avg_diff"])
         neg.append(state["neg_pre_grad"])
 
-    beta1, beta2, beta3 = group["betas"]
-    hyper = dict(lr=group["lr"], beta1=beta1, beta2=beta2, beta3=beta3, eps=group["eps"],
-                 weight_decay=group["weight_decay"], no_prox=group["no_prox"], caution=group["caution"],
-                 grad_coef=grad_coef, grad_scale=grad_scale, found_inf=found_inf,
+    if hparams is None:
+        beta1, beta2, beta3 = group["betas"]
+        hparams = dict(lr=group["lr"], beta1=beta1, beta2=beta2, beta3=beta3, eps=group["eps"],
+                       weight_decay=group["weight_decay"])
+    hyper = dict(lr=hparams["lr"], beta1=hparams["beta1"], beta2=hparams["beta2"], beta3=hparams["beta3"],
+                 eps=hparams["eps"], weight_decay=hparams["weight_decay"], no_prox=group["no_prox"],
+                 caution=group["caution"], grad_coef=grad_coef, grad_scale=grad_scale, found_inf=found_inf,
                  backend=group.get("fused_backend"))
     if device_mode:
         inc: Union[int, Tensor] = 1 if found_inf is None else 1 - _scalar_on(found_inf, step_t.device)

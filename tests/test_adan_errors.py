@@ -64,10 +64,10 @@ def test_sparse_gradient_fails_before_any_change(path):
 
 def test_fused_without_support_says_why():
     from adan_plugin import _ext
-    # Built: the device is what is unsupported.  Not built: how to build it.
-    needle = "meta" if _ext.extension_loaded() else "pip install --no-build-isolation -e ."
+    # Built: the dtype is what is unsupported.  Not built: how to build it.
+    needle = "float64" if _ext.extension_loaded() else "pip install --no-build-isolation -e ."
     with pytest.raises(RuntimeError) as err:
-        Adan([torch.nn.Parameter(torch.empty(3, device="meta"))], fused=True)
+        Adan([torch.nn.Parameter(torch.empty(3, dtype=torch.float64))], fused=True)
     assert needle in str(err.value)
 
 

@@ -36,15 +36,16 @@ def test_caution_matches_reference(path):
 
 
 @pytest.mark.parametrize("path", PATHS)
-@pytest.mark.parametrize("dtype,tol", [(torch.bfloat16, 0.05), (torch.float16, 0.01)])
+@pytest.mark.parametrize("dtype,tol", [(torch.bfloat16, 0.03), (torch.float16, 4e-3)])
 def test_low_precision_params_track_reference(path, dtype, tol):
-    # Unfused math runs in the parameter's dtype, as torch.optim does: the
-    # trajectory stays within a few ulps of the reference (values are O(1)).
+    # Unfused math runs in fp32 for 16-bit parameters, as the fused kernels do: only
+    # the storage rounds.  fp16 parameters keep fp32 states (fp16 states overflow).
     prob = make_problem(3, steps=20, none_prob=0.0, n_groups=1)
     opt, groups, _ = _compare(prob, path, dtype=dtype, rtol=tol, atol=tol)
+    state_dtype = torch.float32 if dtype == torch.float16 else dtype
     for p in groups[0]["params"]:
         assert p.dtype == dtype
-        assert all(t.dtype == dtype for t in opt.state[p].values())
+        assert all(t.dtype == state_dtype for t in opt.state[p].values())
 
 
 @pytest.mark.parametrize("path", PATHS)
