@@ -14,10 +14,11 @@ from .distributed import (any_sharded, check_grad_layout, check_groups_picklable
                           local_tensors, resolve_process_group)
 from .functional import MOMENT_KEYS, STATE_KEYS, _multi_tensor_adan, _single_tensor_adan
 from .fused import fused_group_step
+from . import lowmem
 
-_STATE_DTYPES = (None, torch.float32, torch.bfloat16, torch.float16)
+_STATE_DTYPES = (None, torch.float32, torch.bfloat16, torch.float16, lowmem.EIGHT_BIT)
 # Group keys that choose an execution path; load_state_dict keeps the current ones.
-_IMPL_KEYS = ("foreach", "fused", "state_dtype", "capturable", "fused_backend")
+_IMPL_KEYS = ("foreach", "fused", "state_dtype", "capturable", "fused_backend", "kahan_sum")
 # Options that only the fused kernels implement (their "off" values are None/False).
 _FUSED_ONLY = ("state_dtype", "capturable", "skip_nonfinite", "fused_backend")
 # Options that act on all groups together, so they are set once per optimizer.
@@ -109,6 +110,15 @@ class Adan(Optimizer):
         state_dtype: dtype of the four state tensors on the fused path
             (``torch.bfloat16`` halves Adan's state memory for fp32
             parameters); ``None``: the parameter's dtype.  Math stays fp32.
+            ``"8bit"``: one byte per element plus an fp32 scale per block of
+            256 (4.06 B per parameter instead of 16) for parameters of at
+            least 4096 elements, fp32 states for smaller ones; the maps are
+            described in :mod:`adan_plugin.lowmem`.
+        kahan_sum: for bfloat16/float16 parameters, keep a compensation
+            buffer of the parameter's dtype (``state['kahan_comp']``) that
+            carries each update's rounding error, so updates below half a
+            16-bit ulp are not lost (pure-bf16 training).  Every path.  No
+            effect, and no buffer, for fp32 parameters.
         capturable: fused path only: keep the step count on the device so
             ``step()`` can be captured in a CUDA graph (see ``adan_plugin.fused``).
         fused_backend: force one fused backend: ``"cpu"``/``"cuda"`` (the
@@ -148,12 +158,13 @@ class Adan(Optimizer):
         capturable: bool = False,
         skip_nonfinite: bool = False,
         fused_backend: Optional[str] = None,
+        kahan_sum: bool = False,
     ):
         defaults = dict(
             lr=lr, betas=tuple(betas) if isinstance(betas, list) else betas, eps=eps,
             weight_decay=weight_decay, max_grad_norm=max_grad_norm, no_prox=no_prox,
             caution=caution, foreach=foreach, fused=fused, state_dtype=state_dtype, capturable=capturable,
-            skip_nonfinite=skip_nonfinite, fused_backend=fused_backend,
+            skip_nonfinite=skip_nonfinite, fused_backend=fused_backend, kahan_sum=kahan_sum,
         )
         _check_hparams(defaults)
         if fused and foreach:
@@ -190,7 +201,9 @@ class Adan(Optimizer):
     @staticmethod
     def _check_fused_options(group: Dict[str, Any]) -> None:
         """Options only the fused kernels implement, and the one they do not."""
-        if group["state_dtype"] not in _STATE_DTYPES:
+        if not isinstance(group["kahan_sum"], bool):
+            raise ValueError(f"Adan: kahan_sum must be True or False, got {group['kahan_sum']!r}")
+        if not any(group["state_dtype"] is d or group["state_dtype"] == d for d in _STATE_DTYPES):
             raise ValueError(f"Adan: state_dtype must be one of {_STATE_DTYPES}, got {group['state_dtype']!r}")
         if group["fused_backend"] not in (None,) + _ext.FUSED_BACKENDS:
             raise ValueError(f"Adan: fused_backend must be None or one of {_ext.FUSED_BACKENDS}, "
@@ -262,7 +275,7 @@ class Adan(Optimizer):
         self.__dict__.setdefault("clip_process_group", None)
         self.__dict__.setdefault("skipped_steps", None)
         for group in self.param_groups:
-            for key in ("max_grad_norm", "no_prox", "caution", "foreach", "fused") + _FUSED_ONLY:
+            for key in ("max_grad_norm", "no_prox", "caution", "foreach", "fused", "kahan_sum") + _FUSED_ONLY:
                 group.setdefault(key, self.defaults.get(key))
         # mmpretrain's Adan keeps the previous gradient itself ('pre_grad');
         # ours, like the official and timm versions, keeps its negation.
@@ -278,25 +291,24 @@ class Adan(Optimizer):
         truncated or mismatched one raises ``ValueError`` and leaves the
         optimizer as it was.
         """
-        self._validate_state_dict(state_dict)
+        index_to_param = self._validate_state_dict(state_dict)
         # How to run is this optimizer's choice, not the checkpoint's: a
         # checkpoint from a fused run must load where the kernels are absent.
         impl = [{k: g.get(k) for k in _IMPL_KEYS} for g in self.param_groups]
         super().load_state_dict(state_dict)
         for group, keep in zip(self.param_groups, impl):
             group.update(keep)
+        saved = {index_to_param[i]: st for i, st in state_dict["state"].items()}
         # torch casts every state tensor to its parameter's dtype on load;
-        # reduced-precision states (state_dtype) go back to their dtype.
+        # reduced-precision states (state_dtype) go back to their dtype, and
+        # 8-bit ones are rebuilt from the checkpoint's own tensors.
         for group in self.param_groups:
-            if group.get("state_dtype") is None:
-                continue
             for p in group["params"]:
-                st = self.state.get(p, {})
-                for key in STATE_KEYS:
-                    if key in st and st[key].dtype != group["state_dtype"]:
-                        st[key] = st[key].to(group["state_dtype"])
+                if p in self.state:
+                    self.state[p] = lowmem.adapt_loaded_state(
+                        self.state[p], saved.get(p, {}), p, group.get("state_dtype"), group.get("kahan_sum"))
 
-    def _validate_state_dict(self, state_dict: Dict[str, Any]) -> None:
+    def _validate_state_dict(self, state_dict: Dict[str, Any]) -> Dict[Any, Tensor]:
         if not isinstance(state_dict, dict) or "state" not in state_dict or "param_groups" not in state_dict:
             raise ValueError("Adan.load_state_dict: expected a dict with 'state' and 'param_groups' "
                              f"(an optimizer state_dict), got {type(state_dict).__name__}"
@@ -322,11 +334,15 @@ class Adan(Optimizer):
             if missing:
                 raise ValueError(f"Adan.load_state_dict: the checkpoint is truncated: the state of parameter "
                                  f"{index!r} lacks {missing}")
-            for key in STATE_KEYS + ("pre_grad",):
+            for key in STATE_KEYS + ("pre_grad", lowmem.KAHAN_KEY):
                 value = st.get(key)
                 if value is not None and tuple(value.shape) != tuple(param.shape):
                     raise ValueError(f"Adan.load_state_dict: state '{key}' of parameter {index!r} has shape "
                                      f"{tuple(value.shape)}, the parameter has {tuple(param.shape)}")
+            problem = lowmem.check_saved_state(st, param)
+            if problem:
+                raise ValueError(f"Adan.load_state_dict: parameter {index!r}: {problem}")
+        return index_to_param
 
     # ------------------------------------------------------------------ step
     @torch.no_grad()
@@ -375,7 +391,7 @@ class Adan(Optimizer):
 
     def _init_state(self, group: Dict[str, Any], params: List[Tensor], grads: List[Tensor],
                     grad_coef: Optional[Tensor]):
-        m, n, d, neg = [], [], [], []
+        m, n, d, neg, comps = [], [], [], [], []
         first_step = group["step"] == 1
         for p, g in zip(params, grads):
             state = self.state[p]
@@ -390,7 +406,8 @@ class Adan(Optimizer):
             n.append(state["exp_avg_sq"])
             d.append(state["exp_avg_diff"])
             neg.append(state["neg_pre_grad"])
-        return m, n, d, neg
+            comps.append(lowmem.kahan_buffer(state, p, group["kahan_sum"]))
+        return m, n, d, neg, comps
 
     @torch.no_grad()
     def step(self, closure: Optional[Callable[[], Any]] = None):
@@ -437,7 +454,7 @@ class Adan(Optimizer):
             group["step"] = int(group.get("step", 0)) + 1
             if not params:
                 continue
-            m, n, d, neg = self._init_state(group, params, grads, grad_coef)
+            m, n, d, neg, comps = self._init_state(group, params, grads, grad_coef)
             beta1, beta2, beta3 = group["betas"]
             impl = self._resolve_impl(group, params)
             if group["caution"] and any_sharded(params):
@@ -448,11 +465,13 @@ class Adan(Optimizer):
                 # The rest of the update is elementwise, so each rank updates its
                 # own shards; they share storage with the DTensors (FSDP2).
                 params, grads, m, n, d, neg = local_tensors(params, grads, m, n, d, neg)
+                comps = [None if c is None else local_tensors([c])[0][0] for c in comps]
             impl(
                 params, grads, m, n, d, neg,
                 step=group["step"], lr=group["lr"], beta1=beta1, beta2=beta2, beta3=beta3,
                 eps=group["eps"], weight_decay=group["weight_decay"], no_prox=group["no_prox"],
                 caution=group["caution"], grad_coef=grad_coef,
+                kahan_comps=comps if any(c is not None for c in comps) else None,
             )
         return loss
 

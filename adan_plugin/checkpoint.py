@@ -4,11 +4,19 @@ The official Adan, timm's and ours keep ``neg_pre_grad`` (minus the previous
 gradient); mmpretrain's keeps ``pre_grad`` (the gradient itself).  Our
 ``Adan.load_state_dict`` reads either; this module writes the one another
 implementation expects.
+
+8-bit states (``state_dtype="8bit"``: int8/uint8 codes plus ``<key>_scale``
+tensors, see :mod:`adan_plugin.lowmem`) are ours alone: for every other
+target they are dequantized to float32 and the scales dropped.  Our own
+``Adan.load_state_dict`` converts by itself in both directions (8-bit into
+float states and float into 8-bit), so ``target='adan_plugin'`` keeps them.
 """
 from __future__ import annotations
 
 import copy
 from typing import Any, Dict
+
+from . import lowmem
 
 TARGETS = ("adan_plugin", "official", "timm", "mmpretrain")
 
@@ -25,6 +33,8 @@ def convert_state_dict(state_dict: Dict[str, Any], target: str) -> Dict[str, Any
     out = {"state": {}, "param_groups": copy.deepcopy(state_dict["param_groups"])}
     for index, st in state_dict["state"].items():
         st = dict(st)
+        if target != "adan_plugin":
+            st = lowmem.dequantize_state(st)
         if "neg_pre_grad" not in st and "pre_grad" in st:
             st["neg_pre_grad"] = st["pre_grad"].neg()
         if target == "mmpretrain":

@@ -10,6 +10,10 @@ as in the official implementation.
 On entry ``neg_pre_grads`` must hold minus the previous (scaled) gradient;
 the caller seeds it with ``-g`` on a parameter's first step so that the
 gradient difference is zero there.
+
+``kahan_comps`` (``kahan_sum``): per parameter, None or its compensation
+buffer; such a parameter is updated in float32 as ``p + comp`` and stored
+rounded, the rounding error going back into ``comp`` (adan_plugin.lowmem).
 """
 from __future__ import annotations
 
@@ -40,6 +44,12 @@ def _caution_mask(exp_avg: Tensor, grad: Tensor) -> Tensor:
     return mask.div_(mask.mean().clamp_(min=1e-3))
 
 
+def _kahan_store(exact: Tensor, param: Tensor, comp: Tensor) -> None:
+    """``param`` <- ``exact`` rounded, ``comp`` <- what the rounding lost (``exact`` is consumed)."""
+    param.copy_(exact)
+    comp.copy_(exact.sub_(param))
+
+
 def _single_tensor_adan(
     params: List[Tensor],
     grads: List[Tensor],
@@ -58,15 +68,21 @@ def _single_tensor_adan(
     no_prox: bool,
     caution: bool,
     grad_coef: Optional[Tensor] = None,
+    kahan_comps: Optional[List[Optional[Tensor]]] = None,
 ) -> None:
     bc1, bc2, bc3_sqrt = _bias_corrections(step, beta1, beta2, beta3)
     step_size = lr / bc1
     step_size_diff = lr * beta2 / bc2
-    for param, grad, exp_avg, exp_avg_sq, exp_avg_diff, neg in zip(
-            params, grads, exp_avgs, exp_avg_sqs, exp_avg_diffs, neg_pre_grads):
+    comps = kahan_comps if kahan_comps is not None else [None] * len(params)
+    for param, grad, exp_avg, exp_avg_sq, exp_avg_diff, neg, comp in zip(
+            params, grads, exp_avgs, exp_avg_sqs, exp_avg_diffs, neg_pre_grads, comps):
         if torch.is_complex(param):
             param, grad, exp_avg, exp_avg_sq, exp_avg_diff, neg = (
                 torch.view_as_real(t) for t in (param, grad, exp_avg, exp_avg_sq, exp_avg_diff, neg))
+            comp = None if comp is None else torch.view_as_real(comp)
+        stored = param
+        if comp is not None:  # update the compensated value in fp32; stored back rounded below
+            param = param.float().add_(comp)
         if grad_coef is not None:
             grad = grad * grad_coef
         # ``neg`` is reused as scratch: first the difference g - g_prev, then
@@ -84,6 +100,8 @@ def _single_tensor_adan(
         param.addcdiv_(exp_avg_diff, denom, value=-step_size_diff)
         if weight_decay != 0 and not no_prox:
             param.div_(1 + lr * weight_decay)
+        if comp is not None:
+            _kahan_store(param, stored, comp)
         torch.neg(grad, out=neg)
 
 
@@ -105,17 +123,31 @@ def _multi_tensor_adan(
     no_prox: bool,
     caution: bool,
     grad_coef: Optional[Tensor] = None,
+    kahan_comps: Optional[List[Optional[Tensor]]] = None,
 ) -> None:
     if not params:
         return
     bc1, bc2, bc3_sqrt = _bias_corrections(step, beta1, beta2, beta3)
-    grouped = torch.optim.Optimizer._group_tensors_by_device_and_dtype(
-        [params, grads, exp_avgs, exp_avg_sqs, exp_avg_diffs, neg_pre_grads])
-    for (device_params, device_grads, device_m, device_n, device_d, device_neg), _ in grouped.values():
+    lists = [params, grads, exp_avgs, exp_avg_sqs, exp_avg_diffs, neg_pre_grads]
+    if kahan_comps is not None:
+        # A parameter's dtype decides whether it has a buffer (16-bit: yes), so a (device, dtype) group
+        # has all or none; the parameter itself fills the slots of those without.
+        lists.append([c if c is not None else p for c, p in zip(kahan_comps, params)])
+    grouped = torch.optim.Optimizer._group_tensors_by_device_and_dtype(lists)
+    for device_lists, _ in grouped.values():
+        device_params, device_grads, device_m, device_n, device_d, device_neg = device_lists[:6]
+        device_comps = None
+        if kahan_comps is not None and device_params[0].dtype in (torch.bfloat16, torch.float16):
+            device_comps = device_lists[6]
         if torch.is_complex(device_params[0]):
             device_params, device_grads, device_m, device_n, device_d, device_neg = (
                 [torch.view_as_real(t) for t in ts]
                 for ts in (device_params, device_grads, device_m, device_n, device_d, device_neg))
+            if device_comps is not None:
+                device_comps = [torch.view_as_real(t) for t in device_comps]
+        stored = device_params
+        if device_comps is not None:
+            device_params = torch._foreach_add([p.float() for p in stored], device_comps)
         if grad_coef is not None:
             coef = grad_coef.to(device_grads[0].device, non_blocking=True)
             device_grads = torch._foreach_mul(device_grads, coef)
@@ -138,5 +170,9 @@ def _multi_tensor_adan(
         torch._foreach_addcdiv_(device_params, device_d, denom, value=-lr * beta2 / bc2)
         if weight_decay != 0 and not no_prox:
             torch._foreach_div_(device_params, 1 + lr * weight_decay)
+        if device_comps is not None:
+            torch._foreach_copy_(stored, device_params)
+            torch._foreach_sub_(device_params, stored)
+            torch._foreach_copy_(device_comps, device_params)
         torch._foreach_copy_(device_neg, device_grads)
         torch._foreach_neg_(device_neg)

@@ -411,7 +411,8 @@ def test_op_matches_single_tensor_on_strided_views(kernel):
 
 
 OP_KW = dict(lr=1e-2, beta1=0.98, beta2=0.92, beta3=0.99, eps=1e-8, weight_decay=0.05, no_prox=False, first=False,
-             param_steps=[])
+             param_steps=[], exp_avg_scales=[], exp_avg_sq_scales=[], exp_avg_diff_scales=[],
+             neg_pre_grad_scales=[], kahan_comps=[])
 
 
 def _op_lists(sizes, param_dtype, state_dtype, make):
