@@ -89,13 +89,13 @@ def _fused_adan(
     buckets: Dict[Any, List[int]] = {}
     for i, (p, m) in enumerate(zip(params, exp_avgs)):
         buckets.setdefault((p.device, p.dtype, m.dtype), []).append(i)
-    ops, names = {}, {}
+    ops = {}
     for device, _, _ in buckets:  # every bucket's backend settled before the first writes
         if device not in ops:
             name, why = _ext.select_fused_backend(device, backend)
             if name is None:
                 raise RuntimeError(f"Adan(fused=True): no fused backend for parameters on {device}: {why}")
-            ops[device], names[device] = _ext.fused_op(name), name
+            ops[device] = _ext.fused_op(name)
     for (device, _, _), idx in buckets.items():
         lists = [[ts[i] for i in idx] for ts in (params, grads, exp_avgs, exp_avg_sqs, exp_avg_diffs, neg_pre_grads)]
         comps = [kahan_comps[i] for i in idx] if kahan_comps is not None else []
@@ -105,12 +105,6 @@ def _fused_adan(
         if torch.is_complex(lists[0][0]):
             lists = [[torch.view_as_real(t) for t in ts] for ts in lists]
             comps = [torch.view_as_real(t) for t in comps]
-        lowmem_kw = dict(exp_avg_scales=scales[0], exp_avg_sq_scales=scales[1], exp_avg_diff_scales=scales[2],
-                         neg_pre_grad_scales=scales[3], kahan_comps=comps)
-        if names[device] == "triton":  # its schema predates these lists; Adan never sends it 8-bit/Kahan work
-            if comps or scales[0]:
-                raise RuntimeError("Adan: the Triton kernels do not implement 8-bit states or kahan_sum")
-            lowmem_kw = {}
         ops[device](
             *lists,
             lr=float(lr), beta1=beta1, beta2=beta2, beta3=beta3, eps=eps, weight_decay=weight_decay,
@@ -119,7 +113,8 @@ def _fused_adan(
             param_steps=[param_steps[i] for i in idx] if param_steps is not None else [],
             grad_coef=_scalar_on(grad_coef, device), grad_scale=_scalar_on(grad_scale, device),
             found_inf=_scalar_on(found_inf, device),
-            **lowmem_kw,
+            exp_avg_scales=scales[0], exp_avg_sq_scales=scales[1], exp_avg_diff_scales=scales[2],
+            neg_pre_grad_scales=scales[3], kahan_comps=comps,
         )
 
 
