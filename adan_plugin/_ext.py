@@ -43,7 +43,9 @@ def _register_fake() -> None:
     @torch.library.register_fake("adan_plugin::fused_adan_")
     def _fused_adan_fake(params, grads, exp_avgs, exp_avg_sqs, exp_avg_diffs, neg_pre_grads, *, lr, beta1,
                          beta2, beta3, eps, weight_decay, no_prox, step, first, step_tensor=None,
-                         param_steps=(), grad_coef=None, grad_scale=None, found_inf=None) -> None:
+                         param_steps=(), grad_coef=None, grad_scale=None, found_inf=None, exp_avg_scales=(),
+                         exp_avg_sq_scales=(), exp_avg_diff_scales=(), neg_pre_grad_scales=(),
+                         kahan_comps=()) -> None:
         return None
 
 

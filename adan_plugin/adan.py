@@ -13,6 +13,7 @@ from . import _ext
 from .clip import clip_coefficient, grad_sq_norm
 from .distributed import (any_sharded, check_grad_layout, check_groups_picklable, check_process_group_spec,
                           local_tensors, resolve_process_group)
+from . import lowmem
 from .functional import MOMENT_KEYS, STATE_KEYS, _multi_tensor_adan, _single_tensor_adan  # noqa: F401 (STATE_KEYS re-exported)
 from .fused import FUSED_DTYPES, fused_group_step
 from .validation import (GLOBAL_KEYS, check_group, default_state_dtype, host_float, prepare_state_dict,
@@ -105,6 +106,15 @@ class Adan(Optimizer):
             parameters (on every path).  ``torch.float16`` is refused:
             ``exp_avg_sq`` would overflow for gradients above ~256.  Math is
             fp32 for 16-bit parameters on every path.
+            ``"8bit"``: one byte per element plus an fp32 scale per block of
+            256 (4.06 B per parameter instead of 16) for parameters of at
+            least 4096 elements, fp32 states for smaller ones; the maps are
+            described in :mod:`adan_plugin.lowmem`.
+        kahan_sum: for bfloat16/float16 parameters, keep a compensation
+            buffer of the parameter's dtype (``state['kahan_comp']``) that
+            carries each update's rounding error, so updates below half a
+            16-bit ulp are not lost (pure-bf16 training).  Every path.  No
+            effect, and no buffer, for fp32 parameters.
         capturable: fused path only: keep the step count on the device so
             ``step()`` can be captured in a CUDA graph (see ``adan_plugin.fused``).
         fused_backend: force one fused backend: ``"cpu"``/``"cuda"`` (the
@@ -153,12 +163,13 @@ class Adan(Optimizer):
         capturable: bool = False,
         skip_nonfinite: bool = False,
         fused_backend: Optional[str] = None,
+        kahan_sum: bool = False,
     ):
         defaults = dict(
             lr=lr, betas=tuple(betas) if isinstance(betas, list) else betas, eps=eps,
             weight_decay=weight_decay, max_grad_norm=max_grad_norm, no_prox=no_prox,
             caution=caution, foreach=foreach, fused=fused, state_dtype=state_dtype, capturable=capturable,
-            skip_nonfinite=skip_nonfinite, fused_backend=fused_backend,
+            skip_nonfinite=skip_nonfinite, fused_backend=fused_backend, kahan_sum=kahan_sum,
         )
         check_group(defaults)
         check_process_group_spec(clip_process_group)
@@ -274,6 +285,8 @@ class Adan(Optimizer):
             return f"a parameter has dtype {p.dtype}"
         if not _is_dense(p):
             return f"a parameter is a non-dense view (strides {p.stride()})"
+        if group["state_dtype"] == lowmem.EIGHT_BIT and any_sharded([p]):
+            return "state_dtype='8bit' does not support sharded (DTensor) parameters: its blocks would straddle shards"
         if allow_meta and p.device.type == "meta":
             return ""
         backend, why = _ext.select_fused_backend(p.device, group["fused_backend"], _triton_lacks(group))
@@ -288,8 +301,9 @@ class Adan(Optimizer):
         super().__setstate__(state)
         self.__dict__.setdefault("clip_process_group", None)
         self.__dict__.setdefault("skipped_steps", None)
+        self.defaults.setdefault("kahan_sum", False)  # an optimizer pickled before the option existed
         for group in self.param_groups:
-            for key in ("max_grad_norm", "no_prox", "caution", "foreach", "fused") + _FUSED_ONLY:
+            for key in ("max_grad_norm", "no_prox", "caution", "foreach", "fused", "kahan_sum") + _FUSED_ONLY:
                 group.setdefault(key, self.defaults.get(key))
         # mmpretrain's Adan keeps the previous gradient itself ('pre_grad');
         # ours, like the official and timm versions, keeps its negation.
@@ -315,7 +329,7 @@ class Adan(Optimizer):
           checkpoint; one it lacks (other Adans have no ``max_grad_norm``)
           keeps this optimizer's value;
         * execution choices (``fused``, ``foreach``, ``state_dtype``,
-          ``capturable``) stay this optimizer's: a checkpoint of a fused run
+          ``capturable``, ``kahan_sum``) stay this optimizer's: a checkpoint of a fused run
           loads where the kernels are absent;
         * an option this optimizer cannot honour (``caution=True`` into a
           fused-only optimizer, ``skip_nonfinite=True`` into ``fused=False``)
@@ -323,7 +337,11 @@ class Adan(Optimizer):
           (``max_grad_norm``, ``skip_nonfinite``) is refused.
 
         States are stored in this optimizer's state dtype (fp16 states of an
-        older checkpoint load as fp32) and in the parameter's memory layout.
+        older checkpoint load as fp32) and in the parameter's memory layout;
+        8-bit states are dequantized for a float-state optimizer and float
+        states quantized for a ``state_dtype="8bit"`` one (lowmem's state hook
+        in :mod:`adan_plugin.validation`); a Kahan buffer is kept only where
+        ``kahan_sum`` applies.
         """
         state_dict = state_dict.copy() if isinstance(state_dict, dict) else state_dict
         for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
@@ -382,7 +400,7 @@ class Adan(Optimizer):
 
     def _init_state(self, group: Dict[str, Any], params: List[Tensor], grads: List[Tensor],
                     grad_coef: Optional[Tensor]):
-        m, n, d, neg = [], [], [], []
+        m, n, d, neg, comps = [], [], [], [], []
         first_step = group["step"] == 1
         for p, g in zip(params, grads):
             state = self.state[p]
@@ -401,7 +419,8 @@ class Adan(Optimizer):
             n.append(state["exp_avg_sq"])
             d.append(state["exp_avg_diff"])
             neg.append(state["neg_pre_grad"])
-        return m, n, d, neg
+            comps.append(lowmem.kahan_buffer(state, p, group["kahan_sum"]))
+        return m, n, d, neg, comps
 
     def _check_step(self, gathered, fused: List[bool]) -> List[Dict[str, float]]:
         """Everything ``step()`` could refuse, checked before its first write; the groups'
@@ -469,7 +488,7 @@ class Adan(Optimizer):
             group["step"] = int(group.get("step", 0)) + 1
             if not params:
                 continue
-            m, n, d, neg = self._init_state(group, params, grads, grad_coef)
+            m, n, d, neg, comps = self._init_state(group, params, grads, grad_coef)
             impl = self._resolve_impl(group, params)
             if group["caution"] and any_sharded(params):
                 # Caution rescales its mask by the mean over the whole parameter:
@@ -479,11 +498,13 @@ class Adan(Optimizer):
                 # The rest of the update is elementwise, so each rank updates its
                 # own shards; they share storage with the DTensors (FSDP2).
                 params, grads, m, n, d, neg = local_tensors(params, grads, m, n, d, neg)
+                comps = [None if c is None else local_tensors([c])[0][0] for c in comps]
             impl(
                 params, grads, m, n, d, neg,
                 step=group["step"], lr=hp["lr"], beta1=hp["beta1"], beta2=hp["beta2"], beta3=hp["beta3"],
                 eps=hp["eps"], weight_decay=hp["weight_decay"], no_prox=group["no_prox"],
                 caution=group["caution"], grad_coef=grad_coef,
+                kahan_comps=comps if any(c is not None for c in comps) else None,
             )
         return loss
 

@@ -8,6 +8,12 @@ implementation expects.
 It also holds the project's checkpoint file I/O: :func:`load_checkpoint` (a
 ``weights_only`` load whose errors name the file and the reason),
 :func:`save_checkpoint` (atomic) and :func:`missing_optimizer_state`.
+
+8-bit states (``state_dtype="8bit"``: int8/uint8 codes plus ``<key>_scale``
+tensors, see :mod:`adan_plugin.lowmem`) are ours alone: for every other
+target they are dequantized to float32 and the scales dropped.  Our own
+``Adan.load_state_dict`` converts by itself in both directions (8-bit into
+float states and float into 8-bit), so ``target='adan_plugin'`` keeps them.
 """
 from __future__ import annotations
 
@@ -19,6 +25,8 @@ import tempfile
 from typing import Any, Dict, Optional, Sequence, Union
 
 import torch
+
+from . import lowmem
 
 TARGETS = ("adan_plugin", "official", "timm", "mmpretrain")
 
@@ -35,6 +43,8 @@ def convert_state_dict(state_dict: Dict[str, Any], target: str) -> Dict[str, Any
     out = {"state": {}, "param_groups": copy.deepcopy(state_dict["param_groups"])}
     for index, st in state_dict["state"].items():
         st = dict(st)
+        if target != "adan_plugin":
+            st = lowmem.dequantize_state(st)
         if "neg_pre_grad" not in st and "pre_grad" in st:
             st["neg_pre_grad"] = st["pre_grad"].neg()
         if target == "mmpretrain":

@@ -10,6 +10,10 @@ as in the official implementation.
 On entry ``neg_pre_grads`` must hold minus the previous (scaled) gradient;
 the caller seeds it with ``-g`` on a parameter's first step so that the
 gradient difference is zero there.
+
+``kahan_comps`` (``kahan_sum``): per parameter, None or its compensation
+buffer; such a parameter is updated in float32 as ``p + comp`` and stored
+rounded, the rounding error going back into ``comp`` (adan_plugin.lowmem).
 """
 from __future__ import annotations
 
@@ -69,6 +73,12 @@ def _adan_one(param: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, 
     torch.neg(grad, out=neg)
 
 
+def _kahan_store(exact: Tensor, param: Tensor, comp: Tensor) -> None:
+    """``param`` <- ``exact`` rounded, ``comp`` <- what the rounding lost (``exact`` is consumed)."""
+    param.copy_(exact)
+    comp.copy_(exact.sub_(param))
+
+
 def _single_tensor_adan(
     params: List[Tensor],
     grads: List[Tensor],
@@ -87,21 +97,29 @@ def _single_tensor_adan(
     no_prox: bool,
     caution: bool,
     grad_coef: Optional[Tensor] = None,
+    kahan_comps: Optional[List[Optional[Tensor]]] = None,
 ) -> None:
     bc1, bc2, bc3_sqrt = _bias_corrections(step, beta1, beta2, beta3)
     hyper = dict(step_size=lr / bc1, step_size_diff=lr * beta2 / bc2, bc3_sqrt=bc3_sqrt, lr=lr, beta1=beta1,
                  beta2=beta2, beta3=beta3, eps=eps, weight_decay=weight_decay, no_prox=no_prox,
                  caution=caution, grad_coef=grad_coef)
-    for tensors in zip(params, grads, exp_avgs, exp_avg_sqs, exp_avg_diffs, neg_pre_grads):
+    comps = kahan_comps if kahan_comps is not None else [None] * len(params)
+    for tensors, comp in zip(zip(params, grads, exp_avgs, exp_avg_sqs, exp_avg_diffs, neg_pre_grads), comps):
         if torch.is_complex(tensors[0]):
             tensors = tuple(torch.view_as_real(t) for t in tensors)
+            comp = None if comp is None else torch.view_as_real(comp)
         # 16-bit tensors: fp32 math on working copies, written back once (eps
         # alone underflows to 0 in fp16), as the fused kernels do in registers.
         work = _upcast(tensors)
+        kahan = comp is not None and work[0] is not tensors[0]
+        if kahan:  # the compensated value p + comp, stored back rounded (and its error) below
+            work[0].add_(comp)
         _adan_one(*work, **hyper)
         for t, w in zip(tensors, work):
-            if w is not t and t is not tensors[1]:
+            if w is not t and t is not tensors[1] and not (kahan and t is tensors[0]):
                 t.copy_(w)
+        if kahan:
+            _kahan_store(work[0], tensors[0], comp)
 
 
 def _multi_tensor_adan(
@@ -122,20 +140,27 @@ def _multi_tensor_adan(
     no_prox: bool,
     caution: bool,
     grad_coef: Optional[Tensor] = None,
+    kahan_comps: Optional[List[Optional[Tensor]]] = None,
 ) -> None:
     if not params:
         return
     bc1, bc2, bc3_sqrt = _bias_corrections(step, beta1, beta2, beta3)
-    # One bucket per (device, parameter dtype, state dtype): torch's grouping
+    # One bucket per (device, parameter dtype, state dtype, Kahan or not): torch's grouping
     # helper wants one dtype across the lists, and fp16 parameters keep fp32 states.
+    comps = kahan_comps if kahan_comps is not None else [None] * len(params)
     buckets: Dict[tuple, List[int]] = {}
-    for i, (p, m) in enumerate(zip(params, exp_avgs)):
-        buckets.setdefault((p.device, p.dtype, m.dtype), []).append(i)
-    for idx in buckets.values():
+    for i, (p, m, c) in enumerate(zip(params, exp_avgs, comps)):
+        kahan = c is not None and p.dtype in (torch.float16, torch.bfloat16)
+        buckets.setdefault((p.device, p.dtype, m.dtype, kahan), []).append(i)
+    for (_, _, _, kahan), idx in buckets.items():
         lists = [[ts[i] for i in idx] for ts in (params, grads, exp_avgs, exp_avg_sqs, exp_avg_diffs, neg_pre_grads)]
+        bucket_comps = [comps[i] for i in idx] if kahan else None
         if torch.is_complex(lists[0][0]):
             lists = [[torch.view_as_real(t) for t in ts] for ts in lists]
+            bucket_comps = None if bucket_comps is None else [torch.view_as_real(c) for c in bucket_comps]
         work = [_upcast(ts) for ts in lists]
+        if kahan:  # fp32 working copies of the compensated values p + comp
+            torch._foreach_add_(work[0], bucket_comps)
         _multi_tensor_adan_bucket(*work, bc1=bc1, bc2=bc2, bc3_sqrt=bc3_sqrt, lr=lr, beta1=beta1, beta2=beta2,
                                   beta3=beta3, eps=eps, weight_decay=weight_decay, no_prox=no_prox,
                                   caution=caution, grad_coef=grad_coef)
@@ -143,6 +168,9 @@ def _multi_tensor_adan(
             changed = [(t, w) for t, w in zip(lists[k], work[k]) if w is not t]
             if changed:
                 torch._foreach_copy_([t for t, _ in changed], [w for _, w in changed])
+        if kahan:  # p got the rounded value above; comp gets what the rounding lost
+            torch._foreach_sub_(work[0], lists[0])
+            torch._foreach_copy_(bucket_comps, work[0])
 
 
 def _multi_tensor_adan_bucket(device_params, device_grads, device_m, device_n, device_d, device_neg, *,

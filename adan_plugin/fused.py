@@ -22,8 +22,8 @@ from typing import Any, Dict, List, Optional, Union
 import torch
 from torch import Tensor
 
-from . import _ext
-from .distributed import is_dtensor, local_tensors
+from . import _ext, lowmem
+from .distributed import any_sharded, is_dtensor, local_tensors
 from .functional import MOMENT_KEYS, STATE_KEYS
 from .validation import default_state_dtype
 
@@ -60,6 +60,8 @@ def _fused_adan(
     param_steps: Optional[List[Tensor]] = None,
     first: bool = False,
     backend: Optional[str] = None,
+    kahan_comps: Optional[List[Optional[Tensor]]] = None,
+    state_scales: Optional[List[Optional[List[Tensor]]]] = None,
 ) -> None:
     """Same contract as ``_single_tensor_adan``, plus:
 
@@ -77,6 +79,9 @@ def _fused_adan(
     Unlike the unfused paths, ``neg_pre_grads`` need not be seeded with -g:
     first steps are known from ``step``/``param_steps``/``first``.
     States may have another dtype than the parameters (``state_dtype``).
+    kahan_comps: per parameter, its Kahan compensation (16-bit parameters) or None.
+    state_scales: per parameter with 8-bit states (int8 ``exp_avgs``), the four
+        states' per-block scales (adan_plugin.lowmem), else None.
     """
     if caution:
         raise ValueError("Adan: the fused kernels do not implement caution=True; use fused=False")
@@ -96,8 +101,13 @@ def _fused_adan(
             ops[device] = _ext.fused_op(name)
     for (device, _, _), idx in buckets.items():
         lists = [[ts[i] for i in idx] for ts in (params, grads, exp_avgs, exp_avg_sqs, exp_avg_diffs, neg_pre_grads)]
+        comps = [kahan_comps[i] for i in idx] if kahan_comps is not None else []
+        comps = comps if comps and comps[0] is not None else []
+        scales = [[state_scales[i][k] for i in idx] for k in range(4)] if exp_avgs[idx[0]].dtype == torch.int8 \
+            else [[], [], [], []]
         if torch.is_complex(lists[0][0]):
             lists = [[torch.view_as_real(t) for t in ts] for ts in lists]
+            comps = [torch.view_as_real(t) for t in comps]
         ops[device](
             *lists,
             lr=float(lr), beta1=beta1, beta2=beta2, beta3=beta3, eps=eps, weight_decay=weight_decay,
@@ -106,7 +116,15 @@ def _fused_adan(
             param_steps=[param_steps[i] for i in idx] if param_steps is not None else [],
             grad_coef=_scalar_on(grad_coef, device), grad_scale=_scalar_on(grad_scale, device),
             found_inf=_scalar_on(found_inf, device),
+            exp_avg_scales=scales[0], exp_avg_sq_scales=scales[1], exp_avg_diff_scales=scales[2],
+            neg_pre_grad_scales=scales[3], kahan_comps=comps,
         )
+
+
+def _local_lowmem(hyper: Dict[str, Any]) -> None:
+    """Kahan buffers of DTensor parameters as their local shards (8-bit states refuse DTensors)."""
+    if "kahan_comps" in hyper:
+        hyper["kahan_comps"] = [None if c is None else local_tensors([c])[0][0] for c in hyper["kahan_comps"]]
 
 
 def _device_step(value: Any, device: torch.device) -> Tensor:
@@ -141,8 +159,11 @@ def fused_group_step(optimizer, group: Dict[str, Any], params: List[Tensor], gra
     # counts are then the only record of which first steps were skipped.
     device_mode = bool(group.get("capturable")) or found_inf is not None or isinstance(group.get("step"), Tensor)
     state_dtype = group.get("state_dtype")
+    if state_dtype == lowmem.EIGHT_BIT and any_sharded(params):
+        raise ValueError("Adan: state_dtype='8bit' does not support sharded (DTensor) parameters yet: its "
+                         "quantization blocks would straddle shards")
     fresh: List[bool] = []
-    m, n, d, neg, param_steps = [], [], [], [], []
+    m, n, d, neg, param_steps, comps, scales = [], [], [], [], [], [], []
     if device_mode:
         home = (params or group["params"])[0].device
         step_t = _device_step(group.get("step", 0), home)
@@ -150,15 +171,32 @@ def fused_group_step(optimizer, group: Dict[str, Any], params: List[Tensor], gra
     grads = [_in_layout_of(g, p) for p, g in zip(params, grads)]
     for p in params:
         state = optimizer.state[p]
+        eight_bit = lowmem.uses_8bit(p, state_dtype)
         sd = default_state_dtype(p, state_dtype)
         is_fresh = len(state) == 0 or "neg_pre_grad" not in state
-        if len(state) == 0:
+        if len(state) == 0 or not any(k in state for k in MOMENT_KEYS):
             for key in MOMENT_KEYS:
-                state[key] = torch.zeros_like(p, dtype=sd, memory_format=torch.preserve_format)
+                if eight_bit:
+                    state[key], state[key + lowmem.SCALE_SUFFIX] = lowmem.zeros_8bit(p, key), lowmem.zero_scales(p)
+                else:
+                    state[key] = torch.zeros_like(p, dtype=sd, memory_format=torch.preserve_format)
         if "neg_pre_grad" not in state:
             state["neg_pre_grad"] = torch.zeros_like(state["exp_avg"], memory_format=torch.preserve_format)
+            if eight_bit:
+                state["neg_pre_grad" + lowmem.SCALE_SUFFIX] = lowmem.zero_scales(p)
         for key in STATE_KEYS:
-            state[key] = _in_layout_of(state[key], p)
+            if eight_bit and state[key].stride() != p.stride() and not is_dtensor(p):
+                # Codes in another layout than the parameter's: their blocks follow memory
+                # order, so they are re-quantized in the parameter's (rare: a layout change).
+                value = _in_layout_of(lowmem.dequantize(key, state[key], state[key + lowmem.SCALE_SUFFIX]), p)
+                state[key], state[key + lowmem.SCALE_SUFFIX] = lowmem.quantize(key, value)
+            else:
+                state[key] = _in_layout_of(state[key], p)
+        comp = lowmem.kahan_buffer(state, p, group.get("kahan_sum", False))
+        if comp is not None:
+            comp = state[lowmem.KAHAN_KEY] = _in_layout_of(comp, p)
+        comps.append(comp)
+        scales.append([state[k] for k in lowmem.SCALE_KEYS] if eight_bit else None)
         if device_mode:
             ps = state.get("step")
             if ps is None:
@@ -183,6 +221,10 @@ def fused_group_step(optimizer, group: Dict[str, Any], params: List[Tensor], gra
                  eps=hparams["eps"], weight_decay=hparams["weight_decay"], no_prox=group["no_prox"],
                  caution=group["caution"], grad_coef=grad_coef, grad_scale=grad_scale, found_inf=found_inf,
                  backend=group.get("fused_backend"))
+    if any(c is not None for c in comps):
+        hyper["kahan_comps"] = comps
+    if any(sc is not None for sc in scales):
+        hyper["state_scales"] = scales
     if device_mode:
         inc: Union[int, Tensor] = 1 if found_inf is None else 1 - _scalar_on(found_inf, step_t.device)
         step_t.add_(inc)
@@ -199,6 +241,7 @@ def fused_group_step(optimizer, group: Dict[str, Any], params: List[Tensor], gra
             else:
                 torch._foreach_add_(param_steps, 1)
             params, grads, m, n, d, neg = local_tensors(params, grads, m, n, d, neg)
+            _local_lowmem(hyper)
             _fused_adan(params, grads, m, n, d, neg, step=step_t, param_steps=param_steps, **hyper)
         return
 
@@ -207,11 +250,13 @@ def fused_group_step(optimizer, group: Dict[str, Any], params: List[Tensor], gra
         return
     # DTensor (FSDP2) shards: the update is elementwise, so each rank updates its own.
     params, grads, m, n, d, neg = local_tensors(params, grads, m, n, d, neg)
+    _local_lowmem(hyper)
     # Parameters without a previous gradient take their first step in a call
     # of their own (usually none; all of them on a group's first step).
     for want_first in (False, True):
         idx = [i for i, f in enumerate(fresh) if f == want_first]
         if idx:
             pick = lambda ts: [ts[i] for i in idx]  # noqa: E731
+            picked = {k: pick(v) if k in ("kahan_comps", "state_scales") else v for k, v in hyper.items()}
             _fused_adan(pick(params), pick(grads), pick(m), pick(n), pick(d), pick(neg),
-                        step=group["step"], first=want_first, **hyper)
+                        step=group["step"], first=want_first, **picked)

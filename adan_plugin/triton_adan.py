@@ -349,9 +349,17 @@ def _fused_adan_triton(params: List[Tensor], grads: List[Tensor], exp_avgs: List
                        lr: float, beta1: float, beta2: float, beta3: float, eps: float, weight_decay: float,
                        no_prox: bool, step: float, first: bool, step_tensor: Optional[Tensor] = None,
                        param_steps: Sequence[Tensor] = (), grad_coef: Optional[Tensor] = None,
-                       grad_scale: Optional[Tensor] = None, found_inf: Optional[Tensor] = None) -> None:
+                       grad_scale: Optional[Tensor] = None, found_inf: Optional[Tensor] = None,
+                       exp_avg_scales: Sequence[Tensor] = (), exp_avg_sq_scales: Sequence[Tensor] = (),
+                       exp_avg_diff_scales: Sequence[Tensor] = (), neg_pre_grad_scales: Sequence[Tensor] = (),
+                       kahan_comps: Sequence[Tensor] = ()) -> None:
     """``torch.ops.adan_plugin.fused_adan_`` (csrc/README.md) with the Triton kernel; registered as
-    ``torch.ops.adan_plugin.fused_adan_triton_``."""
+    ``torch.ops.adan_plugin.fused_adan_triton_``.  8-bit states and Kahan buffers (the op's scale and
+    ``kahan_comps`` lists) are not implemented: non-empty lists are refused."""
+    if any(len(x) for x in (exp_avg_scales, exp_avg_sq_scales, exp_avg_diff_scales, neg_pre_grad_scales,
+                            kahan_comps)):
+        raise RuntimeError("adan_plugin.fused_adan_triton_: 8-bit states and kahan_comps are not implemented "
+                           "by the Triton kernels; use the compiled ones (fused_backend=None or 'cuda')")
     lists = (params, grads, exp_avgs, exp_avg_sqs, exp_avg_diffs, neg_pre_grads)
     _check(lists, step_tensor, param_steps, grad_coef, grad_scale, found_inf)
     if not params:
@@ -388,7 +396,8 @@ _SCHEMA = ("(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(
            "Tensor(d!)[] exp_avg_diffs, Tensor(e!)[] neg_pre_grads, *, float lr, float beta1, float beta2, "
            "float beta3, float eps, float weight_decay, bool no_prox, float step, bool first, "
            "Tensor? step_tensor=None, Tensor[] param_steps, Tensor? grad_coef=None, Tensor? grad_scale=None, "
-           "Tensor? found_inf=None) -> ()")
+           "Tensor? found_inf=None, Tensor(f!)[] exp_avg_scales, Tensor(g!)[] exp_avg_sq_scales, "
+           "Tensor(h!)[] exp_avg_diff_scales, Tensor(i!)[] neg_pre_grad_scales, Tensor(j!)[] kahan_comps) -> ()")
 _lib = torch.library.Library("adan_plugin", "FRAGMENT")
 _lib.define("fused_adan_triton_" + _SCHEMA)
 for _key in ("CPU", "CUDA", "XPU"):
@@ -398,5 +407,7 @@ for _key in ("CPU", "CUDA", "XPU"):
 @torch.library.register_fake("adan_plugin::fused_adan_triton_", lib=_lib)
 def _fused_adan_triton_fake(params, grads, exp_avgs, exp_avg_sqs, exp_avg_diffs, neg_pre_grads, *, lr, beta1,
                             beta2, beta3, eps, weight_decay, no_prox, step, first, step_tensor=None,
-                            param_steps=(), grad_coef=None, grad_scale=None, found_inf=None) -> None:
+                            param_steps=(), grad_coef=None, grad_scale=None, found_inf=None, exp_avg_scales=(),
+                            exp_avg_sq_scales=(), exp_avg_diff_scales=(), neg_pre_grad_scales=(),
+                            kahan_comps=()) -> None:
     return None

@@ -8,8 +8,12 @@ installs what it returns in one assignment.
 
 Per-parameter state entries are checked and converted through
 :data:`STATE_ENTRIES`, a table ``key -> StateEntry(check, convert)``: a new
-kind of state (e.g. quantized moments) registers its keys with
-:func:`register_state_entry` instead of editing the loader.
+kind of state registers its keys with :func:`register_state_entry` instead of
+editing the loader.  Entries that only make sense together (8-bit codes and
+their ``_scale`` tensors, see :mod:`adan_plugin.lowmem`) register a
+:class:`StateHook` with :func:`register_state_hook`: it sees a parameter's
+whole saved state, checks it before anything is converted, takes over the
+keys it claims and adapts the converted state (e.g. float <-> 8-bit).
 """
 from __future__ import annotations
 
@@ -26,14 +30,16 @@ from .distributed import is_dtensor
 # Hyper-parameters (the checkpoint's, see Adan.load_state_dict) and execution choices (the constructor's).
 REQUIRED_HPARAMS = ("lr", "betas", "eps", "weight_decay")
 OPTIONAL_HPARAMS = ("max_grad_norm", "no_prox", "caution", "skip_nonfinite")
-IMPL_KEYS = ("foreach", "fused", "state_dtype", "capturable", "fused_backend")
+IMPL_KEYS = ("foreach", "fused", "state_dtype", "capturable", "fused_backend", "kahan_sum")
 # Options that act on all groups together, so every group must hold the same value.
 GLOBAL_KEYS = ("max_grad_norm", "skip_nonfinite")
-BOOL_KEYS = ("no_prox", "caution", "capturable", "skip_nonfinite")
+BOOL_KEYS = ("no_prox", "caution", "capturable", "skip_nonfinite", "kahan_sum")
 OPTIONAL_BOOL_KEYS = ("foreach", "fused")
 SCALAR_KEYS = ("lr", "eps", "weight_decay", "max_grad_norm")
 
-STATE_DTYPES = (None, torch.float32, torch.bfloat16)
+# "8bit": block-wise 8-bit states (adan_plugin.lowmem), fp32 ones for small parameters.
+EIGHT_BIT = "8bit"
+STATE_DTYPES = (None, torch.float32, torch.bfloat16, EIGHT_BIT)
 FP16_STATE_REASON = (
     "float16 optimizer states are refused: exp_avg_sq holds squared gradients and float16 overflows "
     "above 65504, i.e. for |g| above ~256, after which updates silently stop; use torch.bfloat16 "
@@ -86,9 +92,9 @@ def check_group(group: Dict[str, Any]) -> None:
     if group["fused"] and group["foreach"]:
         raise ValueError("Adan: fused=True and foreach=True are mutually exclusive")
     sd = group["state_dtype"]
-    if sd == torch.float16:
+    if isinstance(sd, torch.dtype) and sd == torch.float16:
         raise ValueError(f"Adan: state_dtype=torch.float16: {FP16_STATE_REASON}")
-    if not any(sd is d or (d is not None and sd == d) for d in STATE_DTYPES):
+    if not any(sd is d or (d is not None and type(sd) is type(d) and sd == d) for d in STATE_DTYPES):
         raise ValueError(f"Adan: state_dtype must be one of {STATE_DTYPES}, got {sd!r}")
 
 
@@ -126,7 +132,10 @@ def step_hyperparameters(group: Dict[str, Any]) -> Dict[str, float]:
 
 
 def default_state_dtype(param: Tensor, state_dtype: Optional[torch.dtype]) -> torch.dtype:
-    """The dtype of a parameter's states: ``state_dtype``, else the parameter's, except fp32 for fp16."""
+    """The dtype of a parameter's float states: ``state_dtype``, else the parameter's, except fp32 for
+    fp16; fp32 under ``"8bit"`` (parameters too small to quantize, and the dtype 8-bit states load from)."""
+    if state_dtype == EIGHT_BIT:
+        return torch.float32
     if state_dtype is not None:
         return state_dtype
     return torch.float32 if param.dtype == torch.float16 else param.dtype
@@ -228,6 +237,32 @@ def register_state_entry(key: str, entry: StateEntry, installed_as: Optional[str
         _RENAMED[key] = installed_as
 
 
+@dataclass(frozen=True)
+class StateHook:
+    """A check and conversion of one parameter's whole state, for entries that only make sense together.
+
+    ``keys``: the state keys it adds to those :data:`STATE_ENTRIES` knows;
+    ``claims(st)``: the keys of a saved state it checks and converts itself
+    (the table skips them; they reach ``adapt`` as saved);
+    ``check(st, param, where)`` raises ``ValueError``, before any conversion;
+    ``adapt(out, st, param, group)`` returns the state to install from the
+    converted one ``out`` (a new dict; never changes ``st`` or its tensors).
+    """
+    keys: Tuple[str, ...]
+    claims: Callable[[Dict[str, Any]], Sequence[str]]
+    check: Callable[[Dict[str, Any], Tensor, str], None]
+    adapt: Callable[[Dict[str, Any], Dict[str, Any], Tensor, Dict[str, Any]], Dict[str, Any]]
+
+
+STATE_HOOKS: List[StateHook] = []
+
+
+def register_state_hook(hook: StateHook) -> None:
+    """Teach ``load_state_dict`` a kind of state whose entries are checked and converted together."""
+    if hook not in STATE_HOOKS:
+        STATE_HOOKS.append(hook)
+
+
 def check_step_value(value: Any, where: str) -> float:
     """A step count: an int, an integral float or a one-element real tensor, finite and >= 0."""
     if isinstance(value, Tensor):
@@ -250,21 +285,31 @@ def prepare_param_state(st: Any, param: Tensor, group: Dict[str, Any], where: st
         raise ValueError(f"{where} must be a dict, got {type(st).__name__}")
     if not st:
         return {}
-    unknown = [k for k in st if k not in STATE_ENTRIES]
+    known = set(STATE_ENTRIES).union(*(h.keys for h in STATE_HOOKS))
+    unknown = [k for k in st if k not in known]
     if unknown:
         raise ValueError(f"{where} holds {sorted(map(str, unknown))}, which Adan does not keep (known: "
-                         f"{sorted(STATE_ENTRIES)}): is this another optimizer's checkpoint?")
+                         f"{sorted(known)}): is this another optimizer's checkpoint?")
     missing = [k for k, e in STATE_ENTRIES.items() if e.required and k not in st]
     if missing:
         raise ValueError(f"{where} lacks {missing}: the checkpoint is truncated")
+    claimed = set().union(*(hook.claims(st) for hook in STATE_HOOKS))
     for key, value in st.items():
-        STATE_ENTRIES[key].check(value, param, f"{where}['{key}']")
+        if key not in claimed and key in STATE_ENTRIES:
+            STATE_ENTRIES[key].check(value, param, f"{where}['{key}']")
+    for hook in STATE_HOOKS:
+        hook.check(st, param, where)
+    stray = [k for k in st if k not in claimed and k not in STATE_ENTRIES]
+    if stray:  # a hook's key that no hook took for this state
+        raise ValueError(f"{where} holds {stray}, which do not belong with the rest of this state")
     out: Dict[str, Any] = {}
     for key, value in st.items():
         name = _RENAMED.get(key, key)
         if name != key and name in st:
             continue  # both forms saved (convert_state_dict's mmpretrain target): keep ours
-        out[name] = STATE_ENTRIES[key].convert(value, param, group)
+        out[name] = value if key in claimed else STATE_ENTRIES[key].convert(value, param, group)
+    for hook in STATE_HOOKS:
+        out = hook.adapt(out, st, param, group)
     return out
 
 

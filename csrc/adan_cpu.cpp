@@ -19,6 +19,7 @@ namespace adan_plugin {
 namespace {
 
 constexpr int64_t kChunk = 16384;  // elements per parallel work item
+static_assert(kChunk % quant::kQBlock == 0, "a chunk holds whole quantization blocks");
 
 // The builds of adan_cpu_kernel.h, weakest first; each needs the
 // instructions of those before it.
@@ -67,8 +68,15 @@ CpuDtype cpu_dtype(at::ScalarType t) {
     case at::kFloat: return CpuDtype::kFloat;
     case at::kBFloat16: return CpuDtype::kBFloat16;
     case at::kHalf: return CpuDtype::kHalf;
+    case at::kChar: return CpuDtype::kQ8;  // 8-bit states (exp_avg_sq is uint8 then)
     default: TORCH_CHECK(false, "adan_plugin.fused_adan_: unsupported dtype ", t);
   }
+}
+
+void fill_lowmem(CpuTensor& ct, const AdanCall& call, size_t i) {
+  for (int k = 0; k < 4; ++k)
+    ct.scale[k] = call.state_scales[k].empty() ? nullptr : call.state_scales[k][i].data_ptr<float>();
+  ct.comp = call.kahan_comps.empty() ? nullptr : call.kahan_comps[i].data_ptr();
 }
 
 float read_scalar(const c10::optional<at::Tensor>& t, float fallback) {
@@ -101,9 +109,10 @@ void fused_adan_cpu(at::TensorList params, at::TensorList grads, at::TensorList 
     if (numel == 0) continue;
     const bool first =
         group_first || (!call.param_steps.empty() && read_scalar(call.param_steps[i], 0.0f) == 1.0f);
-    tensors.push_back(CpuTensor{params[i].data_ptr(), grads[i].data_ptr(), exp_avgs[i].data_ptr(),
-                                exp_avg_sqs[i].data_ptr(), exp_avg_diffs[i].data_ptr(),
-                                neg_pre_grads[i].data_ptr(), numel, first});
+    CpuTensor ct{params[i].data_ptr(), grads[i].data_ptr(), exp_avgs[i].data_ptr(), exp_avg_sqs[i].data_ptr(),
+                 exp_avg_diffs[i].data_ptr(), neg_pre_grads[i].data_ptr(), {}, nullptr, numel, first};
+    fill_lowmem(ct, call, i);
+    tensors.push_back(ct);
     for (int64_t start = 0; start < numel; start += kChunk)
       chunks.emplace_back(static_cast<int32_t>(tensors.size() - 1), start);
   }

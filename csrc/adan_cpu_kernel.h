@@ -16,9 +16,12 @@
 #include <ATen/cpu/vec/vec.h>
 
 #include <algorithm>
+#include <cmath>
 #include <tuple>
+#include <type_traits>
 
 #include "adan_cpu_types.h"
+#include "adan_quant.h"
 
 namespace adan_plugin {
 // Found by the templated update in adan_math.h (declared before it).
@@ -102,11 +105,14 @@ struct Io<float> {
   }
 };
 
-// 2*kW elements (cnt of them at a tensor's end) of one tensor.
+#include "adan_cpu_lowmem.h"
+
+// 2*kW elements (cnt of them at a tensor's end) of one tensor; comp: its Kahan compensation or null.
 template <typename P, typename S, bool kFirst>
-C10_ALWAYS_INLINE void update_block(P* p, const P* g, S* m, S* n, S* d, S* neg, int64_t cnt, const AdanCoeffs& c) {
+C10_ALWAYS_INLINE void update_block(P* p, const P* g, S* m, S* n, S* d, S* neg, P* comp, int64_t cnt,
+                                    const AdanCoeffs& c) {
   fVec p0, p1, g0, g1, m0, m1, n0, n1, d0, d1, e0, e1;
-  Io<P>::load(p, cnt, p0, p1);
+  ParamIo<P>::load(p, comp, cnt, p0, p1);
   Io<P>::load(g, cnt, g0, g1);
   Io<S>::load(m, cnt, m0, m1);
   Io<S>::load(n, cnt, n0, n1);
@@ -114,7 +120,7 @@ C10_ALWAYS_INLINE void update_block(P* p, const P* g, S* m, S* n, S* d, S* neg, 
   Io<S>::load(neg, cnt, e0, e1);
   adan_update(p0, g0, m0, n0, d0, e0, c, kFirst);
   adan_update(p1, g1, m1, n1, d1, e1, c, kFirst);
-  Io<P>::store(p, cnt, p0, p1);
+  ParamIo<P>::store(p, comp, cnt, p0, p1);
   Io<S>::store(m, cnt, m0, m1);
   Io<S>::store(n, cnt, n0, n1);
   Io<S>::store(d, cnt, d0, d1);
@@ -134,10 +140,12 @@ C10_ALWAYS_INLINE void update_loop(const CpuTensor& t, int64_t begin, int64_t en
   S* n = static_cast<S*>(t.n);
   S* d = static_cast<S*>(t.d);
   S* neg = static_cast<S*>(t.neg);
+  P* comp = static_cast<P*>(t.comp);
   int64_t i = begin;
   for (; i + 2 * kW <= end; i += 2 * kW)
-    update_block<P, S, kFirst>(p + i, g + i, m + i, n + i, d + i, neg + i, 2 * kW, c);
-  if (i < end) update_block<P, S, kFirst>(p + i, g + i, m + i, n + i, d + i, neg + i, end - i, c);
+    update_block<P, S, kFirst>(p + i, g + i, m + i, n + i, d + i, neg + i, comp ? comp + i : nullptr, 2 * kW, c);
+  if (i < end)
+    update_block<P, S, kFirst>(p + i, g + i, m + i, n + i, d + i, neg + i, comp ? comp + i : nullptr, end - i, c);
 }
 
 template <typename P, typename S>
@@ -155,6 +163,7 @@ void update_range_p(const CpuTensor& t, int64_t begin, int64_t end, const AdanCo
     case CpuDtype::kFloat: return update_range_t<P, float>(t, begin, end, c);
     case CpuDtype::kBFloat16: return update_range_t<P, c10::BFloat16>(t, begin, end, c);
     case CpuDtype::kHalf: return update_range_t<P, c10::Half>(t, begin, end, c);
+    case CpuDtype::kQ8: return update_range_q8<P>(t, begin, end, c);
   }
 }
 
@@ -163,6 +172,7 @@ void update_range(const CpuTensor& t, int64_t begin, int64_t end, const AdanCoef
     case CpuDtype::kFloat: return update_range_p<float>(t, begin, end, c, s);
     case CpuDtype::kBFloat16: return update_range_p<c10::BFloat16>(t, begin, end, c, s);
     case CpuDtype::kHalf: return update_range_p<c10::Half>(t, begin, end, c, s);
+    case CpuDtype::kQ8: break;  // never a parameter dtype (refused by the op's checks)
   }
 }
 

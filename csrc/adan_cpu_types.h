@@ -9,10 +9,13 @@ namespace adan_plugin {
 
 struct AdanCoeffs;
 
-enum class CpuDtype { kFloat, kBFloat16, kHalf };
+// kQ8: 8-bit block-quantized states (adan_quant.h); as a parameter dtype never.
+enum class CpuDtype { kFloat, kBFloat16, kHalf, kQ8 };
 
 struct CpuTensor {
   void *p, *g, *m, *n, *d, *neg;
+  float* scale[4];  // kQ8 states: per-block scales of m, n, d, neg (else null)
+  void* comp;       // kahan_sum: compensation of a 16-bit parameter (else null)
   int64_t numel;
   bool first;
 };

@@ -19,6 +19,11 @@
 
 #include "adan_cuda_block.h"
 
+// The launch argument (TensorBatch, ~5 KiB) exceeds the classic 4 KiB limit; CUDA 12.1 raised it to 32764 B.
+#if defined(CUDART_VERSION) && CUDART_VERSION < 12010
+#error "adan_plugin's CUDA kernel needs CUDA >= 12.1 (kernel arguments over 4 KiB)"
+#endif
+
 namespace adan_plugin {
 namespace {
 

@@ -14,6 +14,7 @@
 #include "adan_launch_plan.h"
 #include "adan_math.h"
 #include "adan_ops.h"
+#include "adan_quant.h"
 
 namespace adan_plugin {
 namespace cuda_block {
@@ -24,6 +25,8 @@ constexpr int kVec = 4;  // elements per vectorized load (16 B for fp32, 8 B for
 // Kernel argument (passed by value, < 4 KiB with the other arguments).
 struct TensorBatch {
   void* ptr[6][kLaunchMaxTensors];              // p, g, m, n, d, neg_pre_grad
+  float* scale[4][kLaunchMaxTensors];           // 8-bit states: per-block scales of m, n, d, neg (else null)
+  void* comp[kLaunchMaxTensors];                // kahan_sum: the parameter's compensation (else null)
   const float* param_step[kLaunchMaxTensors];   // per-tensor step count, or nullptr
   int64_t numel[kLaunchMaxTensors];
   unsigned char block_tensor[kLaunchMaxBlocks];  // which tensor block b works on
@@ -37,10 +40,11 @@ struct DeviceScalars {
   const float* found_inf;
 };
 
-// The classic kernel-parameter limit; staying under it keeps every toolkit/arch happy.
+// CUDA >= 12.1 on sm_70+ takes up to 32764 bytes of kernel arguments (adan_cuda.cu checks the toolkit);
+// the batch is about 5 KiB since it carries the 8-bit scales and Kahan buffers.
 static_assert(sizeof(TensorBatch) + sizeof(AdanHyper) + sizeof(double) + sizeof(bool) + sizeof(DeviceScalars) +
-                      32 <= 4096,
-              "fused_adan_ kernel arguments exceed 4 KiB");
+                      32 <= 32764,
+              "fused_adan_ kernel arguments exceed 32764 bytes");
 static_assert(kLaunchMaxTensors <= 256, "block_tensor is one byte");
 
 template <typename T>
@@ -61,6 +65,90 @@ C10_HOST_DEVICE C10_ALWAYS_INLINE bool is_aligned(const void* ptr) {
 #define ADAN_BLOCK_INLINE inline
 #endif
 
+// Storage tag of 8-bit states (int8 m, d, neg_pre_grad; uint8 sqrt-coded n; adan_quant.h).
+struct Q8 {};
+
+// A parameter as fp32, with its Kahan compensation added when it has one (comp != nullptr).
+template <typename P>
+C10_HOST_DEVICE C10_ALWAYS_INLINE float load_param(P p, const P* comp, int64_t i) {
+  const float x = static_cast<float>(p);
+  return comp != nullptr ? x + static_cast<float>(comp[i]) : x;
+}
+
+template <typename P>
+C10_HOST_DEVICE C10_ALWAYS_INLINE void store_param(float x, P& p, P* comp, int64_t i) {
+  if (comp != nullptr) {
+    quant::kahan_store(x, p, comp[i]);
+  } else {
+    p = static_cast<P>(x);
+  }
+}
+
+C10_HOST_DEVICE C10_ALWAYS_INLINE float max_nan(float acc, float v) { return (v > acc || v != v) ? v : acc; }
+
+static_assert(kLaunchChunk % quant::kQBlock == 0, "a CUDA block's chunk holds whole quantization blocks");
+
+// The fp32 update of element i of an 8-bit-state tensor; k: the four states' dequantization factors.
+struct Q8Element {
+  float p, m, n, d, neg;
+};
+
+template <typename P>
+C10_HOST_DEVICE C10_ALWAYS_INLINE Q8Element q8_update(const P* p, const P* comp, const P* g, const int8_t* m,
+                                                      const uint8_t* nn, const int8_t* d, const int8_t* neg,
+                                                      const float (&k)[4], int64_t i, const AdanCoeffs& c,
+                                                      bool first) {
+  using namespace quant;
+  Q8Element e{load_param(p[i], comp, i), dequantize_signed(m[i], k[0]), dequantize_sq(nn[i], k[1]),
+              dequantize_signed(d[i], k[2]), dequantize_signed(neg[i], k[3])};
+  adan_update(e.p, static_cast<float>(g[i]), e.m, e.n, e.d, e.neg, c, first);
+  return e;
+}
+
+// 8-bit states.  One thread owns whole quantization blocks (a block's scale
+// needs all its new values), so threads still touch disjoint memory and never
+// synchronise, and the CPU run of this code stays exact.  Pass 1 computes the
+// block's new largest magnitudes without writing; pass 2 recomputes the very
+// same update (same code, same inputs) and writes it quantized.  The second
+// read of the block mostly hits the caches; no per-thread buffer is needed.
+template <typename P>
+C10_HOST_DEVICE ADAN_BLOCK_INLINE void adan_block_q8(const TensorBatch& batch, int t, int64_t start, int64_t n,
+                                                     const AdanCoeffs& c, bool first, int thread, int nthreads) {
+  using namespace quant;
+  P* p = static_cast<P*>(batch.ptr[0][t]) + start;
+  const P* g = static_cast<const P*>(batch.ptr[1][t]) + start;
+  int8_t* m = static_cast<int8_t*>(batch.ptr[2][t]) + start;
+  uint8_t* nn = static_cast<uint8_t*>(batch.ptr[3][t]) + start;
+  int8_t* d = static_cast<int8_t*>(batch.ptr[4][t]) + start;
+  int8_t* neg = static_cast<int8_t*>(batch.ptr[5][t]) + start;
+  P* comp = batch.comp[t] != nullptr ? static_cast<P*>(batch.comp[t]) + start : nullptr;
+  float* sc[4];
+  for (int k = 0; k < 4; ++k) sc[k] = batch.scale[k][t] + start / kQBlock;
+  const int64_t nblocks = (n + kQBlock - 1) / kQBlock;
+  for (int64_t b = thread; b < nblocks; b += nthreads) {
+    const int64_t b0 = b * kQBlock;
+    const int64_t len = n - b0 < kQBlock ? n - b0 : kQBlock;
+    const float k[4] = {dequant_factor(sc[0][b], kSignedMax), dequant_factor(sc[1][b], kUnsignedMax),
+                        dequant_factor(sc[2][b], kSignedMax), dequant_factor(sc[3][b], kSignedMax)};
+    float am = 0.0f, an = 0.0f, ad = 0.0f, ae = 0.0f;
+    for (int64_t i = b0; i < b0 + len; ++i) {
+      const Q8Element e = q8_update(p, comp, g, m, nn, d, neg, k, i, c, first);
+      am = max_nan(am, ::fabsf(e.m)), an = max_nan(an, e.n), ad = max_nan(ad, ::fabsf(e.d)),
+      ae = max_nan(ae, ::fabsf(e.neg));
+    }
+    an = q_sqrt(an);  // max sqrt(n) = sqrt(max n)
+    const float sm = quant_factor(am, kSignedMax), sn = quant_factor(an, kUnsignedMax),
+                sd = quant_factor(ad, kSignedMax), se = quant_factor(ae, kSignedMax);
+    for (int64_t i = b0; i < b0 + len; ++i) {
+      const Q8Element e = q8_update(p, comp, g, m, nn, d, neg, k, i, c, first);
+      store_param(e.p, p[i], comp, i);
+      m[i] = quantize_signed(e.m, sm), nn[i] = quantize_sq(e.n, sn), d[i] = quantize_signed(e.d, sd),
+      neg[i] = quantize_signed(e.neg, se);
+    }
+    sc[0][b] = am, sc[1][b] = an, sc[2][b] = ad, sc[3][b] = ae;
+  }
+}
+
 template <typename P, typename S>
 C10_HOST_DEVICE ADAN_BLOCK_INLINE void adan_block(const TensorBatch& batch, const AdanHyper& hyper, double host_step,
                                        bool first_all, const DeviceScalars& dev, int block, int thread,
@@ -78,17 +166,20 @@ C10_HOST_DEVICE ADAN_BLOCK_INLINE void adan_block(const TensorBatch& batch, cons
   const float grad_mul = (dev.grad_coef != nullptr ? *dev.grad_coef : 1.0f) /
                          (dev.grad_scale != nullptr ? *dev.grad_scale : 1.0f);
   const AdanCoeffs c = adan_coeffs(hyper, step, grad_mul);
-
+  if constexpr (std::is_same_v<S, Q8>) {
+    adan_block_q8<P>(batch, t, start, n, c, first, thread, nthreads);
+  } else {
   P* p = static_cast<P*>(batch.ptr[0][t]) + start;
   const P* g = static_cast<const P*>(batch.ptr[1][t]) + start;
   S* m = static_cast<S*>(batch.ptr[2][t]) + start;
   S* nn = static_cast<S*>(batch.ptr[3][t]) + start;
   S* d = static_cast<S*>(batch.ptr[4][t]) + start;
   S* neg = static_cast<S*>(batch.ptr[5][t]) + start;
+  P* comp = batch.comp[t] != nullptr ? static_cast<P*>(batch.comp[t]) + start : nullptr;
 
   int64_t scalar_from = 0;
   if (is_aligned<P>(p) && is_aligned<P>(g) && is_aligned<S>(m) && is_aligned<S>(nn) && is_aligned<S>(d) &&
-      is_aligned<S>(neg)) {
+      is_aligned<S>(neg) && (comp == nullptr || is_aligned<P>(comp))) {
     const int64_t nvec = n / kVec;
     for (int64_t i = thread; i < nvec; i += nthreads) {
       VecT<P> vp = reinterpret_cast<const VecT<P>*>(p)[i];
@@ -101,11 +192,12 @@ C10_HOST_DEVICE ADAN_BLOCK_INLINE void adan_block(const TensorBatch& batch, cons
 #pragma unroll
 #endif
       for (int j = 0; j < kVec; ++j) {
-        float fp = static_cast<float>(vp.v[j]), fm = static_cast<float>(vm.v[j]),
+        float fp = load_param(vp.v[j], comp, i * kVec + j), fm = static_cast<float>(vm.v[j]),
               fn = static_cast<float>(vn.v[j]), fd = static_cast<float>(vd.v[j]),
               fneg = static_cast<float>(vneg.v[j]);
         adan_update(fp, static_cast<float>(vg.v[j]), fm, fn, fd, fneg, c, first);
-        vp.v[j] = static_cast<P>(fp), vm.v[j] = static_cast<S>(fm), vn.v[j] = static_cast<S>(fn);
+        store_param(fp, vp.v[j], comp, i * kVec + j);
+        vm.v[j] = static_cast<S>(fm), vn.v[j] = static_cast<S>(fn);
         vd.v[j] = static_cast<S>(fd), vneg.v[j] = static_cast<S>(fneg);
       }
       reinterpret_cast<VecT<P>*>(p)[i] = vp;
@@ -117,11 +209,13 @@ C10_HOST_DEVICE ADAN_BLOCK_INLINE void adan_block(const TensorBatch& batch, cons
     scalar_from = nvec * kVec;
   }
   for (int64_t i = scalar_from + thread; i < n; i += nthreads) {
-    float fp = static_cast<float>(p[i]), fm = static_cast<float>(m[i]), fn = static_cast<float>(nn[i]),
+    float fp = load_param(p[i], comp, i), fm = static_cast<float>(m[i]), fn = static_cast<float>(nn[i]),
           fd = static_cast<float>(d[i]), fneg = static_cast<float>(neg[i]);
     adan_update(fp, static_cast<float>(g[i]), fm, fn, fd, fneg, c, first);
-    p[i] = static_cast<P>(fp), m[i] = static_cast<S>(fm), nn[i] = static_cast<S>(fn);
+    store_param(fp, p[i], comp, i);
+    m[i] = static_cast<S>(fm), nn[i] = static_cast<S>(fn);
     d[i] = static_cast<S>(fd), neg[i] = static_cast<S>(fneg);
+  }
   }
 }
 
@@ -140,6 +234,14 @@ template <typename F>
 void dispatch_storage_types(at::ScalarType param_dtype, at::ScalarType state_dtype, F&& f) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, param_dtype, "fused_adan_p", [&] {
     using P = scalar_t;
+    if (state_dtype == at::kChar) {  // 8-bit states
+      if constexpr (std::is_same_v<P, double>) {
+        TORCH_CHECK(false, "adan_plugin.fused_adan_: float64 is not supported");
+      } else {
+        f(P{}, Q8{});
+      }
+      return;
+    }
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, state_dtype, "fused_adan_s", [&] {
       using S = scalar_t;
       if constexpr (std::is_same_v<P, double> || std::is_same_v<S, double>) {
@@ -173,6 +275,9 @@ void for_each_launch(at::TensorList params, at::TensorList grads, at::TensorList
                                    &neg_pre_grads[i]};
         for (int k = 0; k < 6; ++k) batch.ptr[k][slot] = ts[k]->data_ptr();
         batch.param_step[slot] = call.param_steps.empty() ? nullptr : call.param_steps[i].data_ptr<float>();
+        for (int k = 0; k < 4; ++k)
+          batch.scale[k][slot] = call.state_scales[k].empty() ? nullptr : call.state_scales[k][i].data_ptr<float>();
+        batch.comp[slot] = call.kahan_comps.empty() ? nullptr : call.kahan_comps[i].data_ptr();
         batch.numel[slot] = params[i].numel();
       }
       const int blocks = static_cast<int>(plan.block_slot.size());

@@ -21,6 +21,10 @@ struct AdanCall {
   c10::optional<at::Tensor> grad_coef;          // global clip coefficient
   c10::optional<at::Tensor> grad_scale;         // AMP loss scale to divide the gradients by
   c10::optional<at::Tensor> found_inf;          // nonzero: skip the whole step
+  // 8-bit states (int8 exp_avg/exp_avg_diff/neg_pre_grad, uint8 exp_avg_sq): per tensor, one fp32 scale per
+  // block of quant::kQBlock elements, for m, n, d, neg_pre_grad in this order; empty otherwise.
+  std::vector<at::Tensor> state_scales[4];
+  std::vector<at::Tensor> kahan_comps;          // kahan_sum: per 16-bit parameter, same dtype/layout; or empty
 };
 
 // Raises a clear error unless the lists describe one valid fused call.

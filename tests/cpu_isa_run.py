@@ -17,7 +17,8 @@ SIZES = (1, 2, 7, 8, 9, 15, 16, 17, 31, 32, 33, 47, 63, 64, 65, 100, 16383, 1638
 OFFSETS = (0, 3)
 SENTINEL = -7.0
 TAIL = 5  # sentinel elements after each window
-KW = dict(lr=1e-2, beta1=0.98, beta2=0.92, beta3=0.99, eps=1e-8, weight_decay=0.05, no_prox=False, param_steps=[])
+KW = dict(lr=1e-2, beta1=0.98, beta2=0.92, beta3=0.99, eps=1e-8, weight_decay=0.05, no_prox=False, param_steps=[],
+          exp_avg_scales=[], exp_avg_sq_scales=[], exp_avg_diff_scales=[], neg_pre_grad_scales=[], kahan_comps=[])
 
 
 def main(out_path):

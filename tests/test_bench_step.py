@@ -244,3 +244,14 @@ def test_fused_temporary_target_compares_with_the_largest_parameter_tensor():
     verdicts = {t.text.split(",")[0]: t.verdict for t in bs.evaluate_targets(rows, _info("cpu", 10.0))
                 if "temporary" in t.text}
     assert verdicts == {"resnet50": "met", "convnext_tiny": "not met"}
+
+
+@pytest.mark.skipif(not _ext.extension_loaded(), reason="adan_plugin._C is not built")
+def test_8bit_state_bytes_count_the_scales():
+    # One 8-bit parameter (5000 elements: 20 blocks of 256, the last partial) and one small fp32-state one.
+    opt = bs.VARIANTS["ours-fused-8bit"].make(_params([(5000,), (5,)]))
+    opt.step()
+    big = 5000 * 4 + 4 * 4 * 20  # four 1-byte codes + four fp32 scales per block
+    small = 4 * 4 * 5
+    assert bs.state_bytes(opt) == big + small
+    assert bs.step_bytes(opt) == 3 * 4 * 5005 + 2 * (big + small)

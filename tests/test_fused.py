@@ -425,7 +425,8 @@ def test_op_matches_single_tensor_on_strided_views(kernel):
 
 
 OP_KW = dict(lr=1e-2, beta1=0.98, beta2=0.92, beta3=0.99, eps=1e-8, weight_decay=0.05, no_prox=False, first=False,
-             param_steps=[])
+             param_steps=[], exp_avg_scales=[], exp_avg_sq_scales=[], exp_avg_diff_scales=[],
+             neg_pre_grad_scales=[], kahan_comps=[])
 
 
 def _op_lists(sizes, param_dtype, state_dtype, make):
@@ -578,7 +579,8 @@ def test_cpu_build_dispatch_picks_the_best_and_obeys_the_override():
             "assert not opt.state and bool((p == 1).all())\n"
             "ts = [[torch.ones(40)] for _ in range(6)]\n"
             "kw = dict(lr=1e-2, beta1=0.02, beta2=0.08, beta3=0.01, eps=1e-8, weight_decay=0.0, no_prox=False,\n"
-            "          step=1.0, first=True, param_steps=[])\n"
+            "          step=1.0, first=True, param_steps=[], exp_avg_scales=[], exp_avg_sq_scales=[],\n"
+            "          exp_avg_diff_scales=[], neg_pre_grad_scales=[], kahan_comps=[])\n"
             "try:\n"
             "    torch.ops.adan_plugin.fused_adan_(*ts, **kw)\n"
             "except RuntimeError as e:\n"

@@ -24,8 +24,9 @@ class RefuseHostReads(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def _params():
-    return [torch.nn.Parameter(torch.randn(s)) for s in [(3, 4), (5,), ()]]
+def _params(dtype=torch.float32):
+    # (64, 80): over 4096 elements, so state_dtype="8bit" quantizes it
+    return [torch.nn.Parameter(torch.randn(s, dtype=dtype)) for s in [(3, 4), (5,), (), (64, 80)]]
 
 
 FUSED = pytest.mark.skipif(not _ext.extension_loaded(), reason="adan_plugin._C is not built")
@@ -42,6 +43,12 @@ CONFIGS = [
                  marks=FUSED),
     pytest.param(dict(fused=True, capturable=True), id="fused-capturable", marks=FUSED),
     pytest.param(dict(fused=True, state_dtype=torch.bfloat16), id="fused-bf16-state", marks=FUSED),
+    pytest.param(dict(fused=True, state_dtype="8bit"), id="fused-8bit-state", marks=FUSED),
+    pytest.param(dict(fused=True, state_dtype="8bit", capturable=True, kahan_sum=True, dtype=torch.bfloat16),
+                 id="fused-8bit-kahan-capturable", marks=FUSED),
+    pytest.param(dict(fused=False, foreach=False, kahan_sum=True, dtype=torch.bfloat16), id="single-kahan"),
+    pytest.param(dict(fused=False, foreach=True, kahan_sum=True, dtype=torch.bfloat16), id="foreach-kahan"),
+    pytest.param(dict(fused=True, kahan_sum=True, dtype=torch.bfloat16), id="fused-kahan", marks=FUSED),
 ]
 
 
@@ -55,7 +62,8 @@ def test_the_probe_sees_a_host_read(read):
 
 @pytest.mark.parametrize("kwargs", CONFIGS)
 def test_step_reads_no_tensor_value_on_the_host(kwargs):
-    params = _params()
+    kwargs = dict(kwargs)
+    params = _params(kwargs.pop("dtype", torch.float32))
     opt = Adan(params, lr=1e-2, weight_decay=0.02, **kwargs)
     for step in range(3):  # the first step seeds state, later ones take the steady path
         for p in params:

@@ -37,7 +37,7 @@ def check_optimizer_kwargs(optimizer_class: type, options: Mapping[str, Any]) ->
 
 def dtype_from_config(name: str, value: Any) -> Any:
     """``'bfloat16'`` / ``'torch.bfloat16'`` -> ``torch.bfloat16``; other values unchanged."""
-    if not isinstance(value, str):
+    if not isinstance(value, str) or value == "8bit":  # "8bit": Adan's 8-bit block-wise states
         return value
     dtype = getattr(torch, value[len("torch."):] if value.startswith("torch.") else value, None)
     if not isinstance(dtype, torch.dtype):

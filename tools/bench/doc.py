@@ -66,6 +66,7 @@ in that run's section.  Re-run it to refresh a section (the other device's secti
 | variant | what |
 |---|---|
 | ours fused (fp32 / bf16 state) | `adan_plugin.Adan(fused=True)` / `Adan(fused=True, state_dtype=torch.bfloat16)`: one pass over memory in `adan_plugin._C` |
+| ours fused, 8-bit state | `Adan(state_dtype="8bit")`: 1-byte states + an fp32 scale per 256 elements (tensors ≥ 4096 elements; smaller ones fp32), quantized in the same pass; state MiB and B/param count the scales |
 | ours foreach / single-tensor | `Adan(foreach=True / False, fused=False)`: `torch._foreach_*` ops / a loop of per-tensor ops |
 | ours foreach, torch.compile | `torch.compile(opt.step)` on `Adan(foreach=True, fused=False)`; compile time shown, not timed |
 | timm Adan foreach / single-tensor | `timm.optim.Adan(foreach=True / False)` |

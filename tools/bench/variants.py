@@ -77,6 +77,7 @@ VARIANTS: Dict[str, Variant] = {v.name: v for v in [
     Variant("ours-fused", "ours fused (fp32 state)", _ours(fused=True)),
     Variant("ours-fused-bf16", "ours fused (bf16 state)", _ours(fused=True, state_dtype=torch.bfloat16)),
     Variant("ours-fused-triton", "ours fused, Triton kernel (fp32 state)", _ours(fused=True, fused_backend="triton")),
+    Variant("ours-fused-8bit", "ours fused, 8-bit state", _ours(fused=True, state_dtype="8bit")),
     Variant("ours-foreach", "ours foreach", _ours(fused=False, foreach=True)),
     Variant("ours-single", "ours single-tensor", _ours(fused=False, foreach=False)),
     Variant("ours-foreach-compiled", "ours foreach, torch.compile", _ours(fused=False, foreach=True),
@@ -95,7 +96,8 @@ def step_bytes(optimizer: torch.optim.Optimizer) -> int:
     gradient read, and every tensor in its optimizer state read and written (Adan: exp_avg, exp_avg_sq,
     exp_avg_diff, neg_pre_grad or mmpretrain's pre_grad; AdamW: exp_avg, exp_avg_sq and the step
     tensor).  Counted from the tensors the optimizer holds after a step, so a bf16 state counts 2 bytes
-    per element, an fp32 step tensor 4 bytes per parameter tensor."""
+    per element, an 8-bit state 1 byte per element plus its fp32 per-block scales, an fp32 step tensor
+    4 bytes per parameter tensor."""
     total = 0
     for group in optimizer.param_groups:
         for p in group["params"]:

@@ -1,0 +1,96 @@
+// 8-bit block-wise optimizer states (state_dtype="8bit"): the maps between an
+// fp32 value and its one-byte code, written once as host/device code for the
+// CPU kernel and the CUDA block code.
+//
+// A state tensor is cut, in memory order, into blocks of kQBlock elements;
+// each block stores one fp32 scale A (the largest magnitude in the block) and
+// one code per element.  Both maps are "square" maps: a code c stands for
+// A * (c / cmax)^2, so the codes are spread evenly over the square root of the
+// magnitude, which keeps small values that a linear map would round to zero
+// (relative spacing 2/c instead of 1/c of a linear map of the value itself,
+// and a smallest nonzero level of A/cmax^2 instead of A/cmax).
+//
+//   exp_avg, exp_avg_diff, neg_pre_grad: int8 code c in [-127, 127],
+//       value = sign(c) * c^2 * (A / 127^2),            A = max |x| of the block
+//   exp_avg_sq: uint8 code c in [0, 255] for its square root u = sqrt(n),
+//       u = c^2 * (A / 255^2),  n = u * u,               A = max sqrt(n) of the block
+//
+// Quantizing rounds half up in the square-root domain, in fp32:
+//   s = cmax^2 / A (0 when A < 1e-30),  c = min(floor(sqrt(|x| * s) + 0.5), cmax)
+// and exp_avg_sq never stores 0 for a positive n (code 1 at least): a zero
+// denominator for a nonzero momentum would turn the update into m / eps.
+// Absolute error of one rounding: |x - q(x)| <= A * (2 * sqrt(|x|/A) * cmax + 0.5) / (2 * cmax^2)
+// <= A * (1/cmax + 1/(4 cmax^2)); tests/test_lowmem.py derives its tolerances from this bound.
+// The operations are ordered so that no multiply-add can be contracted into an
+// FMA, so every build (portable, AVX2, nvcc) computes the same codes.
+#pragma once
+
+#include <c10/macros/Macros.h>
+
+#include <cmath>
+#include <cstdint>
+
+namespace adan_plugin {
+namespace quant {
+
+constexpr int kQBlock = 256;       // elements per scale
+constexpr int kSignedMax = 127;    // int8 codes of exp_avg, exp_avg_diff, neg_pre_grad
+constexpr int kUnsignedMax = 255;  // uint8 codes of sqrt(exp_avg_sq)
+constexpr int64_t kMinNumel = 4096;  // smaller tensors keep fp32 states (decided in Python)
+
+C10_HOST_DEVICE C10_ALWAYS_INLINE float q_sqrt(float x) { return ::sqrtf(x); }
+
+// Blocks whose largest magnitude is below this store only zero codes (cmax^2 / A would
+// overflow for subnormal A, and 0 * inf is NaN).
+constexpr float kMinAbsmax = 1e-30f;
+
+// s = cmax^2 / A: the factor inside the square root of the quantizer.
+C10_HOST_DEVICE C10_ALWAYS_INLINE float quant_factor(float absmax, int cmax) {
+  return absmax >= kMinAbsmax ? static_cast<float>(cmax * cmax) / absmax : 0.0f;
+}
+
+// A / cmax^2: what c^2 is multiplied by to dequantize.
+C10_HOST_DEVICE C10_ALWAYS_INLINE float dequant_factor(float absmax, int cmax) {
+  return absmax / static_cast<float>(cmax * cmax);
+}
+
+C10_HOST_DEVICE C10_ALWAYS_INLINE int quant_level(float magnitude, float s, int cmax) {
+  const float y = q_sqrt(magnitude * s) + 0.5f;
+  // y >= 0.5 here (NaN gives cmax: a non-finite state stays visible through its scale).
+  return y < static_cast<float>(cmax) ? static_cast<int>(y) : cmax;
+}
+
+C10_HOST_DEVICE C10_ALWAYS_INLINE int8_t quantize_signed(float x, float s) {
+  const int c = quant_level(::fabsf(x), s, kSignedMax);
+  return static_cast<int8_t>(x < 0.0f ? -c : c);
+}
+
+C10_HOST_DEVICE C10_ALWAYS_INLINE float dequantize_signed(int8_t code, float k) {
+  const int c = code;
+  return static_cast<float>(c < 0 ? -(c * c) : c * c) * k;
+}
+
+// n >= 0; its square root is what the code stands for.
+C10_HOST_DEVICE C10_ALWAYS_INLINE uint8_t quantize_sq(float n, float s) {
+  const int c = quant_level(q_sqrt(n), s, kUnsignedMax);
+  return static_cast<uint8_t>(c == 0 && n > 0.0f ? 1 : c);
+}
+
+C10_HOST_DEVICE C10_ALWAYS_INLINE float dequantize_sq(uint8_t code, float k) {
+  const int c = code;
+  const float u = static_cast<float>(c * c) * k;
+  return u * u;
+}
+
+// Kahan-compensated 16-bit parameter (kahan_sum=True): the parameter's true
+// value is p + comp; after the fp32 update the 16-bit parameter takes the
+// rounded value and comp what the rounding lost (exact in fp32, then rounded
+// to comp's 16 bits).
+template <typename P>
+C10_HOST_DEVICE C10_ALWAYS_INLINE void kahan_store(float x, P& p, P& comp) {
+  p = static_cast<P>(x);
+  comp = static_cast<P>(x - static_cast<float>(p));
+}
+
+}  // namespace quant
+}  // namespace adan_plugin
