@@ -404,6 +404,15 @@ def test_8bit_checkpoint_converted_for_timm_continues_like_ours_fp32():
     (lambda st: st.update(exp_avg_diff=st["exp_avg_diff"].float()), "exp_avg_diff"),
     (lambda st: st.update(neg_pre_grad_scale=st["neg_pre_grad_scale"].double()), "neg_pre_grad_scale"),
     (lambda st: st.update(kahan_comp=torch.zeros(3)), "kahan_comp"),
+    # Checked by the whole-state hook in validation.py (codes and scales judged as a pair):
+    (lambda st: st.update(exp_avg=st["exp_avg"][:-1]), r"exp_avg'\] has shape"),
+    (lambda st: st.update(exp_avg_scale=torch.full_like(st["exp_avg_scale"], -1.0)), "negative scales"),
+    (lambda st: st.update(exp_avg_diff_scale=torch.full_like(st["exp_avg_diff_scale"], float("nan"))),
+     "NaN"),
+    (lambda st: st["exp_avg"].view(-1).__setitem__(0, -128), "code -128"),
+    (lambda st: st.update(exp_avg_sq_scale=torch.empty(st["exp_avg_sq_scale"].shape, device="meta")), "meta"),
+    (lambda st: st.update(kahan_comp=torch.full((5000,), float("inf"))), "kahan_comp"),
+    (lambda st: st.update(kahan_comp=torch.zeros(5000, dtype=torch.int16)), "kahan_comp"),
 ])
 def test_damaged_8bit_checkpoint_is_refused_before_anything_changes(damage, match):
     params, opt = _trained("8bit")
@@ -512,3 +521,101 @@ def test_kahan_on_random_steps_every_path():
             err[kahan] = (value - ref.detach()).abs()
         assert float(err[True].max()) < tol, kw
         assert float(err[True].mean()) < 0.25 * float(err[False].mean()), kw
+
+
+def test_scales_next_to_float_states_are_refused_before_anything_changes():
+    params, opt = _trained(None, fused=True)
+    sd = copy.deepcopy(opt.state_dict())
+    sd["state"][1]["exp_avg_scale"] = torch.ones(lowmem.n_blocks(5000))
+    params2, opt2 = _trained(None, seed=1, fused=True)
+    before = copy.deepcopy(opt2.state_dict())
+    with pytest.raises(ValueError, match="scales belong to 8-bit states"):
+        opt2.load_state_dict(sd)
+    assert all(torch.equal(v, opt2.state_dict()["state"][i][k]) for i, st in before["state"].items()
+               for k, v in st.items() if torch.is_tensor(v))
+
+
+def test_a_foreign_key_is_still_refused_next_to_8bit_states():
+    params, opt = _trained("8bit")
+    sd = copy.deepcopy(opt.state_dict())
+    sd["state"][1]["momentum_buffer"] = torch.zeros(5000)
+    _, opt2 = _trained("8bit", seed=1)
+    with pytest.raises(ValueError, match="momentum_buffer"):
+        opt2.load_state_dict(sd)
+
+
+@pytest.mark.parametrize("kw", [dict(fused=False, foreach=False), dict(fused=False, foreach=True),
+                                dict(fused=True)])
+def test_fp16_params_with_kahan_keep_fp32_states_and_an_fp16_buffer(kw):
+    # main's rule (fp16 parameters get fp32 states, fp16 states are refused) and Kahan together: the
+    # compensation is for the parameter, so it stays in the parameter's dtype.
+    p, opt = _constant_update_run(torch.float16, True, steps=3, **kw)
+    st = opt.state[p]
+    assert all(st[k].dtype == torch.float32 for k in STATE_KEYS)
+    assert st["kahan_comp"].dtype == torch.float16
+    with pytest.raises(ValueError, match="float16 optimizer states are refused"):
+        Adan([torch.nn.Parameter(torch.ones(8, dtype=torch.float16))], state_dtype=torch.float16, kahan_sum=True)
+
+
+def test_8bit_checkpoint_into_fp16_params_loads_fp32_states():
+    params, opt = _trained("8bit")
+    sd = copy.deepcopy(opt.state_dict())
+    half = [torch.nn.Parameter(p.detach().half()) for p in params]
+    ours = Adan(half, lr=1e-2, weight_decay=0.02, fused=False)
+    ours.load_state_dict(sd)
+    for p, q in zip(params, half):
+        want = lowmem.dequantize_state(opt.state[p])
+        for key in STATE_KEYS:
+            assert ours.state[q][key].dtype == torch.float32 and torch.equal(ours.state[q][key], want[key])
+    for q in half:
+        q.grad = torch.randn(q.shape).half()
+    ours.step()
+    assert all(bool(torch.isfinite(q).all()) for q in half)
+
+
+def test_8bit_codes_in_another_layout_are_requantized_in_the_parameters():
+    # The blocks follow memory order, so codes saved for a contiguous parameter cannot be reused
+    # bit for bit by a channels_last one: they load dequantized and quantized again in its layout.
+    torch.manual_seed(0)
+    p = torch.nn.Parameter(torch.randn(8, 16, 8, 8))
+    opt = Adan([p], lr=1e-2, state_dtype="8bit")
+    _feed([p], opt, 3, seed=0)
+    q = torch.nn.Parameter(p.detach().clone().to(memory_format=torch.channels_last))
+    opt2 = Adan([q], lr=1e-2, state_dtype="8bit")
+    opt2.load_state_dict(copy.deepcopy(opt.state_dict()))
+    for key in STATE_KEYS:
+        assert opt2.state[q][key].stride() == q.stride()
+        want = lowmem.dequantize(key, opt.state[p][key], opt.state[p][key + "_scale"])
+        codes, scales = lowmem.quantize(key, want.to(memory_format=torch.channels_last))
+        assert torch.equal(opt2.state[q][key], codes) and torch.equal(opt2.state[q][key + "_scale"], scales)
+    _feed([q], opt2, 2, seed=1)
+
+
+def test_8bit_step_after_the_parameter_changed_layout():
+    # model.to(memory_format=torch.channels_last) after a few steps: the fused path re-quantizes the
+    # codes in the parameter's layout (copying them would move elements between blocks).
+    torch.manual_seed(0)
+    p = torch.nn.Parameter(torch.randn(8, 16, 8, 8))
+    opt = Adan([p], lr=1e-2, state_dtype="8bit")
+    _feed([p], opt, 3, seed=0)
+    p.data = p.data.to(memory_format=torch.channels_last)
+    ref = torch.nn.Parameter(p.detach().clone())
+    oref = Adan([ref], lr=1e-2, state_dtype="8bit")
+    oref.load_state_dict(copy.deepcopy(opt.state_dict()))  # re-quantized in the new layout at load
+    _feed([p], opt, 1, seed=4)
+    _feed([ref], oref, 1, seed=4)
+    for k in STATE_KEYS:
+        assert opt.state[p][k].stride() == p.stride()
+        assert torch.equal(opt.state[p][k], oref.state[ref][k]), k
+    assert torch.equal(p, ref)
+
+
+@pytest.mark.parametrize("value", [1, None, "yes"])
+def test_kahan_sum_must_be_a_real_bool(value):
+    p = torch.nn.Parameter(torch.ones(8, dtype=torch.bfloat16))
+    with pytest.raises(ValueError, match="kahan_sum must be True or False"):
+        Adan([p], kahan_sum=value)
+    opt = Adan([p])
+    with pytest.raises(ValueError, match="kahan_sum must be True or False"):
+        opt.add_param_group({"params": [torch.nn.Parameter(torch.ones(8))], "kahan_sum": value})
+    assert len(opt.param_groups) == 1
