@@ -23,6 +23,11 @@ holds ``kahan_comp`` (same dtype and layout); the parameter's value is taken as
 ``p + kahan_comp`` in float32 for the update, then ``p`` gets the result
 rounded and ``kahan_comp`` the rounding error, so updates smaller than half a
 16-bit ulp accumulate instead of vanishing.
+
+Loading: this module registers a :class:`~adan_plugin.validation.StateHook`
+that judges codes and their scales as a pair (and the Kahan buffer), so
+``Adan.load_state_dict`` refuses a damaged 8-bit state before anything
+changes and converts float <-> 8-bit states before installing them.
 """
 from __future__ import annotations
 
