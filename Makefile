@@ -7,7 +7,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP_QUIET := --quiet --disable-pip-version-check
 
-.PHONY: setup test train clean
+.PHONY: setup test train lowmem-accuracy clean
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: requirements.txt setup.py $(wildcard csrc/*.cpp csrc/*.h csrc/*.cu csrc/*.cuh)
@@ -35,6 +35,14 @@ TRAIN_ARGS ?=
 train: setup
 	$(PY) tools/train_timm.py --config configs/timm/demo/digits_test_resnet.yaml \
 		--output output/demo_digits --log-interval 1000 $(TRAIN_ARGS)
+
+# Accuracy of 8-bit Adan states and Kahan-compensated bf16 parameters against fp32 Adan (issue 11):
+# 3 seeds x every configuration on the digits demo and a small ViT (CPU, about 30 single-thread
+# minutes; runs already in output/lowmem_accuracy/results.jsonl are kept), then rewrites
+# docs/lowmem_accuracy.md and .png.  LOWMEM_ARGS=--fresh reruns everything.
+LOWMEM_ARGS ?= --jobs 2
+lowmem-accuracy: setup
+	$(PY) tools/lowmem_accuracy.py $(LOWMEM_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info adan_plugin/_C*.so
