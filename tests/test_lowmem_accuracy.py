@@ -86,7 +86,7 @@ def test_markdown_lists_every_run_and_the_verdicts(tmp_path):
     assert len(rows_of("Verdicts")) == 3
     assert len(rows_of("Mean per configuration")) == 5
     assert len(rows_of("Every run")) == 15
-    assert "| vit | 8bit | 2 | 91.60 | 91.60 | 0.5000 | 10 |" in rows_of("Every run")
+    assert "| vit | 8bit | 2 | 91.60 | 91.60 | 0.5000 | 10 | – |" in rows_of("Every run")
     assert "| vit | 8bit | 90.40 | 91.00 | -0.60 | -1.00, -0.40, -0.40 | **not met** |" in md
     assert "| digits | 8bit | 97.80 | 98.00 | -0.20 |" in md and "**met**" in md
     assert md.rstrip().endswith("hand-written")
@@ -131,6 +131,7 @@ def test_one_tiny_run_end_to_end(tmp_path):
     r = rows[0]
     assert (r["task"], r["config"], r["seed"], r["train_images"], len(r["curve"])) == ("digits", "fp32", 0, 64, 1)
     assert 0.0 <= r["final_top1"] <= 100.0 and math.isfinite(r["train_loss"][0])
+    assert r["commit"] and r["commit"] != "unknown"
     assert "| digits | fp32 | 0 |" in doc.read_text()
     assert (tmp_path / "doc.png").exists()
     # a rerun finds the stored run and trains nothing

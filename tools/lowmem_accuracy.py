@@ -299,9 +299,13 @@ def cpu_model() -> str:
 
 
 def git_commit() -> str:
+    """HEAD's short hash, with ``-dirty`` when the optimizer, kernels or this script differ from it."""
     try:
-        return subprocess.run(["git", "-C", REPO_ROOT, "rev-parse", "--short", "HEAD"], capture_output=True,
+        head = subprocess.run(["git", "-C", REPO_ROOT, "rev-parse", "--short", "HEAD"], capture_output=True,
                               text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", REPO_ROOT, "diff", "--quiet", "HEAD", "--", "adan_plugin", "csrc",
+                                "tools/lowmem_accuracy.py"]).returncode != 0
+        return head + ("-dirty" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
 
@@ -351,11 +355,11 @@ def render_markdown(rows: List[Dict[str, Any]], meta: Dict[str, Any], notes: str
                      f"{','.join(map(str, s['seeds']))} | {_fmt(s['mean'])} | {_fmt(s['std'])} | "
                      f"{_fmt(diff, True)} | {s['wall_s']:.0f} |")
     lines += ["", "## Every run", "",
-              "| task | configuration | seed | final top-1 | best top-1 | final train loss | wall time (s) |",
-              "|---|---|---:|---:|---:|---:|---:|"]
+              "| task | configuration | seed | final top-1 | best top-1 | final train loss | wall time (s) | commit |",
+              "|---|---|---:|---:|---:|---:|---:|---|"]
     for r in sorted(rows, key=lambda r: _order((r["task"], r["config"])) + (r["seed"],)):
         lines.append(f"| {r['task']} | {r['config']} | {r['seed']} | {r['final_top1']:.2f} | {max(r['curve']):.2f} | "
-                     f"{r['train_loss'][-1]:.4f} | {r['wall_s']:.0f} |")
+                     f"{r['train_loss'][-1]:.4f} | {r['wall_s']:.0f} | {r.get('commit', '–')} |")
     lines += ["", "![top-1 per epoch, mean over seeds](lowmem_accuracy.png)", ""]
     lines += ["## What was run", "", _what_was_run(), ""]
     if notes:
@@ -405,38 +409,54 @@ def _kw(v: Any) -> str:
 
 
 def plot(rows: List[Dict[str, Any]], path: str, title: str = "") -> None:
+    """Top row: top-1 per epoch, mean over seeds.  Bottom row: every seed's final top-1 per configuration,
+    the mean (bar) and the band of fp32's mean +- the criterion."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     summary = summarize(rows)
-    panels = [("digits", "digits: states (fp32 parameters)", ("fp32", "8bit", "bf16state")),
-              ("digits", "digits: parameters", ("fp32", "bf16kahan", "bf16")),
-              ("vit", "harder task (small ViT): states", ("fp32", "8bit", "bf16state"))]
-    panels = [p for p in panels if any((p[0], c) in summary for c in p[2])]
-    fig, axes = plt.subplots(1, max(1, len(panels)), figsize=(5.2 * max(1, len(panels)), 4.2), squeeze=False)
+    panels = [("digits", "digits demo: states (fp32 parameters)", ("fp32", "8bit", "bf16state")),
+              ("digits", "digits demo: bf16 parameters", ("fp32", "bf16kahan", "bf16")),
+              ("vit", "small ViT: states (fp32 parameters)", ("fp32", "8bit", "bf16state"))]
+    panels = [(t, n, tuple(c for c in cs if (t, c) in summary)) for t, n, cs in panels]
+    panels = [p for p in panels if p[2]]
+    ncols = max(1, len(panels))
+    fig, axes = plt.subplots(2, ncols, figsize=(5.0 * ncols, 7.6), squeeze=False,
+                             gridspec_kw=dict(height_ratios=[3, 2]))
     styles = {"fp32": ("k", "-"), "8bit": ("tab:red", "--"), "bf16state": ("tab:blue", ":"),
               "bf16kahan": ("tab:green", "--"), "bf16": ("tab:orange", "-.")}
-    for ax, (task, name, configs) in zip(axes[0], panels):
-        for config in configs:
-            s = summary.get((task, config))
-            if s is None:
-                continue
+    for col, (task, name, configs) in enumerate(panels):
+        ax, bx = axes[0][col], axes[1][col]
+        for i, config in enumerate(configs):
+            s = summary[(task, config)]
             color, ls = styles.get(config, (None, "-"))
-            epochs = np.arange(1, len(s["curve"]) + 1)
-            ax.plot(epochs, s["curve"], color=color, linestyle=ls, marker="o", ms=3,
+            ax.plot(np.arange(1, len(s["curve"]) + 1), s["curve"], color=color, linestyle=ls, marker="o", ms=3,
                     label=f"{config}: {s['mean']:.2f} (n={s['n']})")
+            runs = sorted((r["seed"], r["final_top1"]) for r in rows if r["task"] == task and r["config"] == config)
+            bx.scatter([i + 0.08 * (k - (len(runs) - 1) / 2) for k in range(len(runs))], [f for _, f in runs],
+                       color=color, s=18, zorder=3)
+            bx.hlines(s["mean"], i - 0.3, i + 0.3, color=color, lw=2)
+        base = summary.get((task, BASELINE))
+        if base is not None:
+            bx.axhspan(base["mean"] - CRITERION_POINTS, base["mean"] + CRITERION_POINTS, color="0.85", zorder=0,
+                       label=f"fp32 mean +- {CRITERION_POINTS}")
+            bx.legend(fontsize=8, loc="lower right")
         ax.set_title(name, fontsize=10)
         ax.set_xlabel("epoch")
         ax.set_ylabel("val top-1 (%), mean over seeds")
-        lo = min(min(summary[(task, c)]["curve"][-3:]) for c in configs if (task, c) in summary)
-        ax.set_ylim(max(0.0, lo - 10.0), 100.0)
+        ax.set_ylim(0, 100)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8, loc="lower right")
+        bx.set_xticks(range(len(configs)))
+        bx.set_xticklabels(configs)
+        bx.set_xlim(-0.6, len(configs) - 0.4)
+        bx.set_ylabel("final top-1 (%), each seed")
+        bx.grid(alpha=0.3, axis="y")
     if title:
         fig.suptitle(title, fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=100)
     plt.close(fig)
 
 
@@ -493,6 +513,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         jobs = [j + (args.epochs, args.train_limit) for j in plan_jobs(args.tasks, args.configs, args.seeds)
                 if j not in done]
         print(f"{len(jobs)} runs to do ({len(done)} stored in {results_path})", flush=True)
+        commit = git_commit()
         ctx = mp.get_context("spawn")
         with ctx.Pool(max(1, args.jobs), maxtasksperchild=1) if args.jobs > 1 else _Inline() as pool:
             for r in pool.imap_unordered(_worker, jobs):
@@ -500,6 +521,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                     failures.append(r)
                     print(f"FAILED {r['task']}/{r['config']}/seed {r['seed']}: {r['error']}", flush=True)
                     continue
+                r["commit"] = commit
                 with open(results_path, "a") as f:
                     f.write(json.dumps(r) + "\n")
                 rows.append(r)
