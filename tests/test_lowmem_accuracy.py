@@ -83,12 +83,13 @@ def test_markdown_lists_every_run_and_the_verdicts(tmp_path):
         body = md.split(f"## {section}\n", 1)[1].split("\n## ", 1)[0]
         return [ln for ln in body.splitlines() if ln.startswith(("| digits | ", "| vit | "))]
 
-    assert len(rows_of("Verdicts")) == 3
+    assert len(rows_of("Verdicts (seeds 0, 1, 2)")) == 3
     assert len(rows_of("Mean per configuration")) == 5
     assert len(rows_of("Every run")) == 15
     assert "| vit | 8bit | 2 | 91.60 | 91.60 | 0.5000 | 10 | – |" in rows_of("Every run")
-    assert "| vit | 8bit | 90.40 | 91.00 | -0.60 | -1.00, -0.40, -0.40 | **not met** |" in md
-    assert "| digits | 8bit | 97.80 | 98.00 | -0.20 |" in md and "**met**" in md
+    assert "| vit | 8bit | 0,1,2 | 90.40 | 91.00 | -0.60 | -1.00, -0.40, -0.40 | **not met** |" in md
+    assert "| digits | 8bit | 0,1,2 | 97.80 | 98.00 | -0.20 |" in md and "**met**" in md
+    assert "Supplementary" not in md and "Updates lost to rounding" not in md
     assert md.rstrip().endswith("hand-written")
     png = tmp_path / "p.png"
     la.plot(rows, str(png), title="t")
@@ -132,9 +133,35 @@ def test_one_tiny_run_end_to_end(tmp_path):
     assert (r["task"], r["config"], r["seed"], r["train_images"], len(r["curve"])) == ("digits", "fp32", 0, 64, 1)
     assert 0.0 <= r["final_top1"] <= 100.0 and math.isfinite(r["train_loss"][0])
     assert r["commit"] and r["commit"] != "unknown"
+    assert len(r["unchanged"]) == 1 and 0.0 <= r["unchanged"][0] < 0.5 and r["lr"] == [pytest.approx(1e-4)]
     assert "| digits | fp32 | 0 |" in doc.read_text()
     assert (tmp_path / "doc.png").exists()
     # a rerun finds the stored run and trains nothing
     assert la.main(["--tasks", "digits", "--configs", "fp32", "--seeds", "0", "--out", str(tmp_path / "out"),
                     "--doc", str(doc), "--notes", ""]) == 0
     assert len(la.read_results(str(tmp_path / "out" / "results.jsonl"))) == 1
+
+
+def test_extra_seeds_are_supplementary_not_the_verdict():
+    rows = _fake_rows() + [_row("vit", "fp32", 3, 95.0), _row("vit", "8bit", 3, 95.0)]
+    meta = dict(date="d", cpu="c", threads=1, torch="x", timm="y", commit="abc")
+    md = la.render_markdown(rows, meta)
+    verdicts, supplementary = md.split("Supplementary", 1)
+    assert "| vit | 8bit | 0,1,2 | 90.40 | 91.00 | -0.60 |" in verdicts
+    # seeds 0-3: 8bit 91.55, fp32 92.00: the mean difference shrinks to -0.45
+    assert "| vit | 8bit | 0,1,2,3 | 91.55 | 92.00 | -0.45 | -1.00, -0.40, -0.40, +0.00 | **met** |" in supplementary
+    assert "| digits | 8bit | 0,1,2,3" not in supplementary
+
+
+def test_unchanged_weights_table():
+    rows = []
+    for seed in (0, 1):
+        for config, frac in (("fp32", [0.0, 0.0]), ("bf16", [0.2, 0.6 + 0.2 * seed])):
+            r = _row("digits", config, seed, 99.0)
+            r.update(unchanged=frac, lr=[1e-4, 5e-3])
+            rows.append(r)
+    lines = la.unchanged_table(rows)
+    assert "| digits | bf16 | 0,1 | 20.0 | 70.0 |" in lines
+    assert "| digits | fp32 | 0,1 | 0.0 | 0.0 |" in lines
+    assert "| digits | *learning rate* | | 1.0e-04 | 5.0e-03 |" in lines
+    assert la.unchanged_table(_fake_rows()) == []
