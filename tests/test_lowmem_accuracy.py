@@ -45,6 +45,7 @@ def test_summarize_means_std_and_curves():
     assert fp32["mean"] == pytest.approx(98.0)
     assert fp32["std"] == pytest.approx(1.0)  # sample std of 99, 98, 97
     assert fp32["curve"] == pytest.approx([88.0, 98.0])
+    assert fp32["train_loss"] == pytest.approx(0.5)  # mean of the last epoch's loss
     assert s[("digits", "8bit")]["mean"] == pytest.approx((98.8 + 97.4 + 97.2) / 3)
 
 
@@ -85,6 +86,8 @@ def test_markdown_lists_every_run_and_the_verdicts(tmp_path):
 
     assert len(rows_of("Verdicts (seeds 0, 1, 2)")) == 3
     assert len(rows_of("Mean per configuration")) == 5
+    assert "| vit | 8bit | fp32 parameters, 8-bit block-wise states (fused) | 0,1,2 | 90.40 | 1.31 | -0.60 | 0.5000 | 10 |" \
+        in rows_of("Mean per configuration")
     assert len(rows_of("Every run")) == 15
     assert "| vit | 8bit | 2 | 91.60 | 91.60 | 0.5000 | 10 | – |" in rows_of("Every run")
     assert "| vit | 8bit | 0,1,2 | 90.40 | 91.00 | -0.60 | -1.00, -0.40, -0.40 | **not met** |" in md
