@@ -355,12 +355,12 @@ def render_markdown(rows: List[Dict[str, Any]], meta: Dict[str, Any], notes: str
                   "ran them): not the issue's criterion, a check of how much of a difference is seed noise.", ""]
         lines += supplementary
     lines += ["", "## Mean per configuration", "",
-              "| task | configuration | what | seeds | mean top-1 | std | difference vs fp32 | final train loss | "
+              "| task | configuration | what | seeds | mean top-1 | std | difference vs fp32 (same seeds) | final train loss | "
               "mean wall time (s) |",
               "|---|---|---|---|---:|---:|---:|---:|---:|"]
     for (task, config), s in sorted(summary.items(), key=lambda kv: (_order(kv[0]))):
-        base = summary.get((task, BASELINE))
-        diff = s["mean"] - base["mean"] if base is not None and config != BASELINE else None
+        paired = paired_diffs(rows, task, config) if config != BASELINE else {}
+        diff = float(np.mean(list(paired.values()))) if paired else None  # over the seeds both ran
         lines.append(f"| {task} | {config} | {CONFIGS[config].title if config in CONFIGS else config} | "
                      f"{','.join(map(str, s['seeds']))} | {_fmt(s['mean'])} | {_fmt(s['std'] if s['n'] > 1 else None)} | "
                      f"{_fmt(diff, True)} | {s['train_loss']:.4f} | {s['wall_s']:.0f} |")
