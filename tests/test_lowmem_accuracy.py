@@ -127,8 +127,15 @@ def test_one_tiny_run_end_to_end(tmp_path):
     if not _ext.extension_loaded():
         pytest.skip("the fused kernels are not built")
     doc = tmp_path / "doc.md"
-    rc = la.main(["--tasks", "digits", "--configs", "fp32", "--seeds", "0", "--epochs", "1", "--train-limit", "64",
-                  "--out", str(tmp_path / "out"), "--doc", str(doc), "--notes", ""])
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        rc = la.main(["--tasks", "digits", "--configs", "fp32", "--seeds", "0", "--epochs", "1", "--train-limit",
+                      "64", "--out", str(tmp_path / "out"), "--doc", str(doc), "--notes", ""])
+        # the run's one thread must not leak into what this process runs next
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(threads)
     assert rc == 0
     rows = la.read_results(str(tmp_path / "out" / "results.jsonl"))
     assert len(rows) == 1

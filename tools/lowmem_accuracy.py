@@ -194,13 +194,26 @@ def evaluate(model, x_val, y_val, dtype) -> float:
 
 def run_one(task_name: str, config_name: str, seed: int, epochs: Optional[int] = None,
             train_limit: Optional[int] = None, threads: int = 1) -> Dict[str, Any]:
-    """Train one (task, configuration, seed); returns the result row (curve = top-1 after each epoch)."""
+    """Train one (task, configuration, seed); returns the result row (curve = top-1 after each epoch).
+
+    Runs with ``threads`` intra-op threads and restores the caller's count afterwards: a caller in
+    the same process (the tests) would otherwise train with one thread, and a different thread
+    count changes the rounding of reductions, hence the result of everything it runs next."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        return _train(task_name, config_name, seed, epochs, train_limit)
+    finally:
+        torch.set_num_threads(before)
+
+
+def _train(task_name: str, config_name: str, seed: int, epochs: Optional[int],
+           train_limit: Optional[int]) -> Dict[str, Any]:
     import timm
     from timm.loss import LabelSmoothingCrossEntropy
 
     import adan_plugin  # noqa: F401
 
-    torch.set_num_threads(threads)
     task, config = TASKS[task_name], CONFIGS[config_name]
     epochs = epochs or task.epochs
     train, val = digits_images()
