@@ -27,3 +27,13 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+# Tests of the fused op that take this fixture run once per kernel: the CPU kernel, and the CUDA
+# kernel's block code run on CPU tensors (csrc/adan_cuda_on_cpu.cpp), so the CUDA math is tested here.
+@pytest.fixture(params=["cpu_kernel", "cuda_kernel_code"])
+def kernel(request, monkeypatch):
+    if request.param == "cuda_kernel_code":
+        ops = torch.ops.adan_plugin
+        monkeypatch.setattr(ops, "fused_adan_", ops._fused_adan_cuda_code_on_cpu_)
+    return request.param

@@ -22,14 +22,6 @@ from reference import RefAdan
 pytestmark = pytest.mark.skipif(not _ext.extension_loaded(), reason="adan_plugin._C is not built")
 
 
-@pytest.fixture(params=["cpu_kernel", "cuda_kernel_code"])
-def kernel(request, monkeypatch):
-    if request.param == "cuda_kernel_code":
-        ops = torch.ops.adan_plugin
-        monkeypatch.setattr(ops, "fused_adan_", ops._fused_adan_cuda_code_on_cpu_)
-    return request.param
-
-
 def _reference(prob, steps=None):
     ref = RefAdan(reference_groups(prob), max_grad_norm=prob.max_grad_norm)
     for grads in prob.grads[:steps]:

@@ -30,14 +30,6 @@ SIGNED, UNSIGNED = 127, 255
 ERR = {k: 1.0 / c + 1.0 / (4 * c * c) for k, c in (("signed", SIGNED), ("unsigned", UNSIGNED))}
 
 
-@pytest.fixture(params=["cpu_kernel", "cuda_kernel_code"])
-def kernel(request, monkeypatch):
-    if request.param == "cuda_kernel_code":
-        ops = torch.ops.adan_plugin
-        monkeypatch.setattr(ops, "fused_adan_", ops._fused_adan_cuda_code_on_cpu_)
-    return request.param
-
-
 # ------------------------------------------------------------ NumPy spec
 def np_quantize(x, sq):
     """(codes, scales) of float32 array x (memory order) by the written spec."""
