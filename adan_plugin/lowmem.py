@@ -13,9 +13,10 @@ against a NumPy one):
 * ``exp_avg_sq``: uint8 code c in [0, 255] for ``u = sqrt(n)``:
   ``u = c**2 * A / 255**2``, ``n = u**2``, A the block's largest ``sqrt(n)``.
 
-Quantizing, in float32: ``s = cmax**2 / A`` (0 when ``A < 1e-30``),
-``c = min(floor(sqrt(|x| * s) + 0.5), cmax)`` with x's sign, and a positive
-``exp_avg_sq`` never gets code 0 (code 1 at least).  Smaller tensors keep
+Quantizing: ``s = cmax**2 / A`` (0 when ``A < 1e-30``), ``v = min(|x| * s, cmax**2)``
+in float32 (NaN: ``cmax**2``), and ``c`` the integer nearest to ``sqrt(v)``, ties up,
+exactly (``(c - 1/2)**2 <= v < (c + 1/2)**2``), with x's sign (+ for NaN); a
+positive ``exp_avg_sq`` never gets code 0 (code 1 at least).  Smaller tensors keep
 float32 states.  Memory: 4 B + 16/256 B = 4.0625 B per parameter (fp32: 16).
 
 Kahan summation (``kahan_sum=True``): a bfloat16/float16 parameter's state
@@ -103,8 +104,14 @@ def quantize(key: str, x: Tensor) -> "tuple[Tensor, Tensor]":
     absmax = mag.amax(dim=1)
     cmax = _UNSIGNED_MAX if sq else _SIGNED_MAX
     s = torch.where(absmax >= _MIN_ABSMAX, torch.tensor(float(cmax * cmax)) / absmax, torch.zeros_like(absmax))
-    y = (mag * s[:, None]).sqrt() + 0.5
-    c = torch.where(y < cmax, y.floor(), torch.full_like(y, cmax)).to(torch.int32)
+    top = float(cmax * cmax)
+    v = mag * s[:, None]
+    v = torch.where(v < top, v, torch.full_like(v, top))  # NaN -> cmax
+    # round(sqrt(v)) exactly: the fp32 floor(sqrt(v) + 1/2) is it or one off; the thresholds
+    # (c -+ 1/2)^2 are exact in fp32 (csrc/adan_quant.h, quant_level).
+    c = (v.sqrt() + 0.5).floor()
+    lo = (c - 0.5) * (c - 0.5)
+    c = (c - (v < lo).to(v.dtype) + (v >= lo + c + c).to(v.dtype)).clamp(min=0).to(torch.int32)
     if sq:
         c = torch.where((c == 0) & (blocks > 0), torch.ones_like(c), c)
     else:

@@ -15,10 +15,14 @@
 //   exp_avg_sq: uint8 code c in [0, 255] for its square root u = sqrt(n),
 //       u = c^2 * (A / 255^2),  n = u * u,               A = max sqrt(n) of the block
 //
-// Quantizing rounds half up in the square-root domain, in fp32:
-//   s = cmax^2 / A (0 when A < 1e-30),  c = min(floor(sqrt(|x| * s) + 0.5), cmax)
+// Quantizing rounds to the nearest level in the square-root domain, ties up, exactly:
+//   s = cmax^2 / A (0 when A < 1e-30),  v = min(|x| * s, cmax^2) in fp32 (NaN: cmax^2),
+//   c = the integer with (c - 1/2)^2 <= v < (c + 1/2)^2   (= round(sqrt(v)) in exact arithmetic)
 // and exp_avg_sq never stores 0 for a positive n (code 1 at least): a zero
 // denominator for a nonzero momentum would turn the update into m / eps.
+// (Defined by thresholds rather than by fp32 sqrt-and-round, so that every
+// implementation can reach the same code its own way: the CPU vector builds
+// from a 14-bit rsqrt estimate, keeping the divider free for the update.)
 // Absolute error of one rounding: |x - q(x)| <= A * (2 * sqrt(|x|/A) * cmax + 0.5) / (2 * cmax^2)
 // <= A * (1/cmax + 1/(4 cmax^2)); tests/test_lowmem.py derives its tolerances from this bound.
 // The operations are ordered so that no multiply-add can be contracted into an
@@ -54,10 +58,22 @@ C10_HOST_DEVICE C10_ALWAYS_INLINE float dequant_factor(float absmax, int cmax) {
   return absmax / static_cast<float>(cmax * cmax);
 }
 
+// The integer nearest to sqrt(v), ties up, exactly, for v = min(magnitude * s, cmax^2) (NaN: cmax^2):
+// the c with (c - 1/2)^2 <= v < (c + 1/2)^2.  floor(sqrt(v) + 1/2) in fp32 is that c or one off (its
+// two roundings can cross a threshold), and the thresholds are exact in fp32 (c <= 255), so two
+// comparisons settle it; vector builds start from a cheaper estimate of sqrt(v) and end at the same c.
 C10_HOST_DEVICE C10_ALWAYS_INLINE int quant_level(float magnitude, float s, int cmax) {
-  const float y = q_sqrt(magnitude * s) + 0.5f;
-  // y >= 0.5 here (NaN gives cmax: a non-finite state stays visible through its scale).
-  return y < static_cast<float>(cmax) ? static_cast<int>(y) : cmax;
+  const float top = static_cast<float>(cmax * cmax);
+  const float prod = magnitude * s;
+  const float v = prod < top ? prod : top;
+  float c = ::floorf(q_sqrt(v) + 0.5f);
+  const float lo = (c - 0.5f) * (c - 0.5f);
+  if (v < lo) {
+    c -= 1.0f;
+  } else if (v >= lo + c + c) {
+    c += 1.0f;
+  }
+  return c > 0.0f ? static_cast<int>(c) : 0;
 }
 
 C10_HOST_DEVICE C10_ALWAYS_INLINE int8_t quantize_signed(float x, float s) {

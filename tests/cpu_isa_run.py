@@ -43,8 +43,48 @@ def main(out_path):
                     g.copy_(torch.randn(g.shape, generator=gen))
                 ops.fused_adan_(*lists, **KW, step=2.0, first=False, grad_coef=torch.tensor(0.5))
                 results[(str(pd), str(sd), offset)] = buffers
-    torch.save({"isa": ops._cpu_isa(), "results": results, "offsets": OFFSETS, "sizes": SIZES, "tail": TAIL,
-                "sentinel": SENTINEL}, out_path)
+    torch.save({"isa": ops._cpu_isa(), "results": results, "q8": q8_runs(gen), "offsets": OFFSETS, "sizes": SIZES,
+                "tail": TAIL, "sentinel": SENTINEL, "code_sentinel": CODE_SENTINEL}, out_path)
+
+
+CODE_SENTINEL = 77
+Q8_SIZES = (1, 31, 32, 33, 255, 256, 257, 511, 4100, 16384, 16385, 20000)
+
+
+def q8_runs(gen):
+    """8-bit states (int8 m, d, neg; uint8 n; fp32 scales per 256 elements) for every parameter dtype, with
+    Kahan buffers for 16-bit parameters: a first step, then a later one with a clip coefficient.  Code windows
+    start 0 or 3 bytes into their buffers, so the code loads and stores are unaligned, with sentinels around."""
+    ops = torch.ops.adan_plugin
+    results = {}
+    for pd in DTYPES:
+        for offset in OFFSETS:
+            bufs, lists = [], [[] for _ in range(7)]
+            scales = [[] for _ in range(4)]
+            for n in Q8_SIZES:
+                for k in range(7):  # p, g, m, n, d, neg, kahan comp
+                    dtype = pd if k in (0, 1, 6) else (torch.uint8 if k == 3 else torch.int8)
+                    fill = SENTINEL if dtype.is_floating_point else CODE_SENTINEL
+                    buf = torch.full((offset + n + TAIL,), fill, dtype=dtype)
+                    window = buf[offset:offset + n]
+                    if k < 2:
+                        window.copy_(torch.randn(n, generator=gen))
+                    elif k == 6:
+                        window.zero_()
+                    else:
+                        window.copy_(torch.randint(0 if k == 3 else -127, 128, (n,), generator=gen).to(dtype))
+                    bufs.append(buf)
+                    lists[k].append(window)
+                for sc in scales:
+                    sc.append(torch.rand((n + 255) // 256, generator=gen) + 0.1)
+            kw = dict(KW, exp_avg_scales=scales[0], exp_avg_sq_scales=scales[1], exp_avg_diff_scales=scales[2],
+                      neg_pre_grad_scales=scales[3], kahan_comps=lists[6] if pd != torch.float32 else [])
+            ops.fused_adan_(*lists[:6], **kw, step=1.0, first=True)
+            for g in lists[1]:
+                g.copy_(torch.randn(g.shape, generator=gen))
+            ops.fused_adan_(*lists[:6], **kw, step=2.0, first=False, grad_coef=torch.tensor(0.5))
+            results[(str(pd), offset)] = (bufs, [t for sc in scales for t in sc])
+    return results
 
 
 if __name__ == "__main__":
