@@ -11,8 +11,8 @@ from torch.optim.optimizer import Optimizer
 
 from . import _ext
 from .clip import clip_coefficient, grad_sq_norm
-from .distributed import (any_sharded, check_grad_layout, check_groups_picklable, check_process_group_spec,
-                          local_tensors, resolve_process_group)
+from .distributed import (PLAIN_TENSOR_TYPES, any_sharded, check_grad_layout, check_groups_picklable,
+                          check_process_group_spec, local_tensors, resolve_process_group)
 from . import lowmem
 from .functional import MOMENT_KEYS, STATE_KEYS, _multi_tensor_adan, _single_tensor_adan  # noqa: F401 (STATE_KEYS re-exported)
 from .fused import FUSED_DTYPES, fused_group_step
@@ -32,6 +32,8 @@ def _triton_lacks(group: Dict[str, Any]) -> List[str]:
 
 def _is_dense(t: Tensor) -> bool:
     """Whether ``t`` covers its storage span without gaps or overlaps (any dim order)."""
+    if t.is_contiguous() and t.numel():  # the usual case, without the sort (torch calls any empty tensor contiguous)
+        return True
     expected = 1
     for stride, size in sorted((st, sz) for sz, st in zip(t.shape, t.stride()) if sz != 1):
         if stride != expected:
@@ -246,9 +248,11 @@ class Adan(Optimizer):
             return False  # an explicit foreach=False/True names an unfused path, as in torch
         # The kernels take dense fp32/bf16/fp16 parameters only; any other
         # group (float64, a strided view as in timm's tests) steps unfused.
-        return all(p.dtype in FUSED_DTYPES and _is_dense(p) for p in group["params"]) and all(
-            _ext.select_fused_backend(device, None, _triton_lacks(group))[0] is not None
-            for device in {p.device for p in group["params"]})
+        if not all(p.dtype in FUSED_DTYPES and _is_dense(p) for p in group["params"]):
+            return False
+        lacks = _triton_lacks(group)
+        return all(_ext.select_fused_backend(device, None, lacks)[0] is not None
+                   for device in {p.device for p in group["params"]})
 
     @property
     def fused_backends(self) -> Tuple[Optional[str], ...]:
@@ -270,27 +274,45 @@ class Adan(Optimizer):
         return all(self._uses_fused(group) for group in self.param_groups)
 
     def _check_fused_possible(self, group: Dict[str, Any]) -> None:
-        for p in group["params"]:
-            # Meta parameters are allowed here (build on meta, to_empty(), then
-            # step), as torch's fused optimizers allow; step() checks again.
-            problem = self._fused_problem(p, group, allow_meta=True)
-            if problem:
-                raise RuntimeError(f"Adan(fused=True): {_FUSED_REFUSAL} (float32, bfloat16, float16, "
-                                   f"complex64, dense, on a device with a fused backend): {problem}")
+        # Meta parameters are allowed here (build on meta, to_empty(), then
+        # step), as torch's fused optimizers allow; step() checks again.
+        self._check_fused_params(group["params"], group, allow_meta=True)
 
     @staticmethod
-    def _fused_problem(p: Tensor, group: Dict[str, Any], allow_meta: bool = False) -> str:
-        """Why the fused kernels cannot step ``p`` ('' when they can)."""
-        if p.dtype not in FUSED_DTYPES:
-            return f"a parameter has dtype {p.dtype}"
-        if not _is_dense(p):
-            return f"a parameter is a non-dense view (strides {p.stride()})"
-        if group["state_dtype"] == lowmem.EIGHT_BIT and any_sharded([p]):
-            return "state_dtype='8bit' does not support sharded (DTensor) parameters: its blocks would straddle shards"
-        if allow_meta and p.device.type == "meta":
-            return ""
-        backend, why = _ext.select_fused_backend(p.device, group["fused_backend"], _triton_lacks(group))
-        return "" if backend is not None else f"no fused backend for parameters on {p.device}: {why}"
+    def _check_fused_params(params: List[Tensor], group: Dict[str, Any], allow_meta: bool = False) -> None:
+        """Raise ``RuntimeError`` for the first of ``params`` the fused kernels cannot step."""
+        problem = Adan._fused_problem(params, group, allow_meta)
+        if problem:
+            raise RuntimeError(f"Adan(fused=True): {_FUSED_REFUSAL} (float32, bfloat16, float16, "
+                               f"complex64, dense, on a device with a fused backend): {problem}")
+
+    @staticmethod
+    def _fused_problem(params: List[Tensor], group: Dict[str, Any], allow_meta: bool = False) -> str:
+        """Why the fused kernels cannot step the first parameter of ``params`` they cannot step
+        ('' when they can step all).  ``step()`` asks this for every parameter at every step, so the
+        backend, which depends only on the device and the group's options, is asked once per device."""
+        eight_bit = group["state_dtype"] == lowmem.EIGHT_BIT
+        device_problems: Dict[torch.device, str] = {}
+        for p in params:
+            if p.dtype not in FUSED_DTYPES:
+                return f"a parameter has dtype {p.dtype}"
+            if not _is_dense(p):
+                return f"a parameter is a non-dense view (strides {p.stride()})"
+            if eight_bit and type(p) not in PLAIN_TENSOR_TYPES and any_sharded([p]):
+                return ("state_dtype='8bit' does not support sharded (DTensor) parameters: its blocks would "
+                        "straddle shards")
+            device = p.device
+            problem = device_problems.get(device)
+            if problem is None:
+                if allow_meta and device.type == "meta":
+                    problem = ""
+                else:
+                    backend, why = _ext.select_fused_backend(device, group["fused_backend"], _triton_lacks(group))
+                    problem = "" if backend is not None else f"no fused backend for parameters on {device}: {why}"
+                device_problems[device] = problem
+            if problem:
+                return problem
+        return ""
 
     def __getstate__(self) -> Dict[str, Any]:
         # Optimizer.__getstate__ keeps only defaults, state and groups; losing
@@ -432,11 +454,7 @@ class Adan(Optimizer):
                 continue
             if group["caution"]:
                 raise ValueError("Adan: the fused kernels do not implement caution=True; use fused=False")
-            for p in params:
-                problem = self._fused_problem(p, group)
-                if problem:
-                    raise RuntimeError(f"Adan(fused=True): {_FUSED_REFUSAL} (float32, bfloat16, float16, "
-                                       f"complex64, dense, on a device with a fused backend): {problem}")
+            self._check_fused_params(params, group)
         return hypers
 
     @torch.no_grad()

@@ -31,9 +31,13 @@ except ImportError:  # torch built without distributed support
 
 ProcessGroupSpec = Union[None, str, "dist.ProcessGroup"]
 
+# Exactly these types are never DTensors: step() asks per tensor, and a type
+# lookup is cheaper than isinstance against a subclass.
+PLAIN_TENSOR_TYPES = frozenset((Tensor, torch.nn.Parameter))
+
 
 def is_dtensor(t: Tensor) -> bool:
-    return DTensor is not None and isinstance(t, DTensor)
+    return type(t) not in PLAIN_TENSOR_TYPES and DTensor is not None and isinstance(t, DTensor)
 
 
 def local_tensor(t: Tensor) -> Tensor:
@@ -46,12 +50,14 @@ def local_tensor(t: Tensor) -> Tensor:
 
 
 def local_tensors(*lists: Sequence[Tensor]) -> Tuple[List[Tensor], ...]:
-    return tuple([local_tensor(t) for t in ts] for ts in lists)
+    plain = PLAIN_TENSOR_TYPES
+    return tuple([t if type(t) in plain else local_tensor(t) for t in ts] for ts in lists)
 
 
 def any_sharded(tensors: Sequence[Tensor]) -> bool:
     """True when some DTensor in ``tensors`` is split across ranks."""
-    return any(is_dtensor(t) and shard_groups(t) for t in tensors)
+    plain = PLAIN_TENSOR_TYPES
+    return any(type(t) not in plain and is_dtensor(t) and shard_groups(t) for t in tensors)
 
 
 def check_grad_layout(param: Tensor, grad: Tensor) -> None:
@@ -61,6 +67,8 @@ def check_grad_layout(param: Tensor, grad: Tensor) -> None:
     gradient; a gradient that is still a partial sum (not yet reduced across
     ranks) or laid out differently would silently train on the wrong numbers.
     """
+    if type(param) in PLAIN_TENSOR_TYPES and type(grad) in PLAIN_TENSOR_TYPES:
+        return  # the common case, once per parameter and step
     p_is, g_is = is_dtensor(param), is_dtensor(grad)
     if p_is != g_is:
         kind = lambda t: "a DTensor" if is_dtensor(t) else "a plain tensor"  # noqa: E731

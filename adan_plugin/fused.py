@@ -92,6 +92,7 @@ def _fused_adan(
     buckets: Dict[Any, List[int]] = {}
     for i, (p, m) in enumerate(zip(params, exp_avgs)):
         buckets.setdefault((p.device, p.dtype, m.dtype), []).append(i)
+    whole = len(buckets) == 1  # the usual case: the lists as given, not re-picked
     ops = {}
     for device, _, _ in buckets:  # every bucket's backend settled before the first writes
         if device not in ops:
@@ -100,8 +101,9 @@ def _fused_adan(
                 raise RuntimeError(f"Adan(fused=True): no fused backend for parameters on {device}: {why}")
             ops[device] = _ext.fused_op(name)
     for (device, _, _), idx in buckets.items():
-        lists = [[ts[i] for i in idx] for ts in (params, grads, exp_avgs, exp_avg_sqs, exp_avg_diffs, neg_pre_grads)]
-        comps = [kahan_comps[i] for i in idx] if kahan_comps is not None else []
+        lists = [ts if whole else [ts[i] for i in idx]
+                 for ts in (params, grads, exp_avgs, exp_avg_sqs, exp_avg_diffs, neg_pre_grads)]
+        comps = (kahan_comps if whole else [kahan_comps[i] for i in idx]) if kahan_comps is not None else []
         comps = comps if comps and comps[0] is not None else []
         scales = [[state_scales[i][k] for i in idx] for k in range(4)] if exp_avgs[idx[0]].dtype == torch.int8 \
             else [[], [], [], []]
@@ -168,13 +170,21 @@ def fused_group_step(optimizer, group: Dict[str, Any], params: List[Tensor], gra
         home = (params or group["params"])[0].device
         step_t = _device_step(group.get("step", 0), home)
         group["step"] = step_t
-    grads = [_in_layout_of(g, p) for p, g in zip(params, grads)]
-    for p in params:
-        state = optimizer.state[p]
-        eight_bit = lowmem.uses_8bit(p, state_dtype)
-        sd = default_state_dtype(p, state_dtype)
+    # Per parameter and step: the common case (states exist, every tensor already in the
+    # parameter's layout, plain tensors) costs a few attribute reads; anything else takes
+    # the general code below.
+    eight_bit_group = state_dtype == lowmem.EIGHT_BIT
+    kahan_sum = group.get("kahan_sum", False)
+    states = optimizer.state
+    laid_out = []
+    for p, g in zip(params, grads):
+        stride = p.stride()
+        laid_out.append(g if g.stride() == stride else _in_layout_of(g, p))
+        state = states[p]
+        eight_bit = eight_bit_group and lowmem.uses_8bit(p, state_dtype)
         is_fresh = len(state) == 0 or "neg_pre_grad" not in state
-        if len(state) == 0 or not any(k in state for k in MOMENT_KEYS):
+        if len(state) == 0 or (MOMENT_KEYS[0] not in state and not any(k in state for k in MOMENT_KEYS)):
+            sd = default_state_dtype(p, state_dtype)
             for key in MOMENT_KEYS:
                 if eight_bit:
                     state[key], state[key + lowmem.SCALE_SUFFIX] = lowmem.zeros_8bit(p, key), lowmem.zero_scales(p)
@@ -185,15 +195,17 @@ def fused_group_step(optimizer, group: Dict[str, Any], params: List[Tensor], gra
             if eight_bit:
                 state["neg_pre_grad" + lowmem.SCALE_SUFFIX] = lowmem.zero_scales(p)
         for key in STATE_KEYS:
-            if eight_bit and state[key].stride() != p.stride() and not is_dtensor(p):
+            if state[key].stride() == stride:
+                continue  # already in the parameter's layout (what _in_layout_of would return)
+            if eight_bit and not is_dtensor(p):
                 # Codes in another layout than the parameter's: their blocks follow memory
                 # order, so they are re-quantized in the parameter's (rare: a layout change).
                 value = _in_layout_of(lowmem.dequantize(key, state[key], state[key + lowmem.SCALE_SUFFIX]), p)
                 state[key], state[key + lowmem.SCALE_SUFFIX] = lowmem.quantize(key, value)
             else:
                 state[key] = _in_layout_of(state[key], p)
-        comp = lowmem.kahan_buffer(state, p, group.get("kahan_sum", False))
-        if comp is not None:
+        comp = lowmem.kahan_buffer(state, p, kahan_sum) if kahan_sum else None
+        if comp is not None and comp.stride() != stride:
             comp = state[lowmem.KAHAN_KEY] = _in_layout_of(comp, p)
         comps.append(comp)
         scales.append([state[k] for k in lowmem.SCALE_KEYS] if eight_bit else None)
@@ -212,6 +224,7 @@ def fused_group_step(optimizer, group: Dict[str, Any], params: List[Tensor], gra
         n.append(state["exp_avg_sq"])
         d.append(state["exp_avg_diff"])
         neg.append(state["neg_pre_grad"])
+    grads = laid_out
 
     if hparams is None:
         beta1, beta2, beta3 = group["betas"]
@@ -253,6 +266,9 @@ def fused_group_step(optimizer, group: Dict[str, Any], params: List[Tensor], gra
     _local_lowmem(hyper)
     # Parameters without a previous gradient take their first step in a call
     # of their own (usually none; all of them on a group's first step).
+    if not any(fresh) or all(fresh):
+        _fused_adan(params, grads, m, n, d, neg, step=group["step"], first=fresh[0], **hyper)
+        return
     for want_first in (False, True):
         idx = [i for i, f in enumerate(fresh) if f == want_first]
         if idx:
