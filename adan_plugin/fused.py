@@ -27,6 +27,7 @@ from .distributed import any_sharded, is_dtensor, local_tensors
 from .functional import MOMENT_KEYS, STATE_KEYS
 from .validation import default_state_dtype
 
+_M, _N, _D, _NEG = STATE_KEYS
 # Parameter dtypes the kernels take (complex64 as its float32 view).
 FUSED_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.complex64)
 
@@ -89,10 +90,12 @@ def _fused_adan(
         return
     step_tensor = step if isinstance(step, Tensor) else None
     host_step = 0.0 if step_tensor is not None else float(step)
-    buckets: Dict[Any, List[int]] = {}
-    for i, (p, m) in enumerate(zip(params, exp_avgs)):
-        buckets.setdefault((p.device, p.dtype, m.dtype), []).append(i)
-    whole = len(buckets) == 1  # the usual case: the lists as given, not re-picked
+    keys = [(p.device, p.dtype, m.dtype) for p, m in zip(params, exp_avgs)]
+    whole = keys.count(keys[0]) == len(keys)  # the usual case: one call on the lists as given
+    buckets: Dict[Any, List[int]] = {keys[0]: list(range(len(keys)))} if whole else {}
+    if not whole:
+        for i, key in enumerate(keys):
+            buckets.setdefault(key, []).append(i)
     ops = {}
     for device, _, _ in buckets:  # every bucket's backend settled before the first writes
         if device not in ops:
@@ -194,16 +197,20 @@ def fused_group_step(optimizer, group: Dict[str, Any], params: List[Tensor], gra
             state["neg_pre_grad"] = torch.zeros_like(state["exp_avg"], memory_format=torch.preserve_format)
             if eight_bit:
                 state["neg_pre_grad" + lowmem.SCALE_SUFFIX] = lowmem.zero_scales(p)
-        for key in STATE_KEYS:
-            if state[key].stride() == stride:
-                continue  # already in the parameter's layout (what _in_layout_of would return)
-            if eight_bit and not is_dtensor(p):
-                # Codes in another layout than the parameter's: their blocks follow memory
-                # order, so they are re-quantized in the parameter's (rare: a layout change).
-                value = _in_layout_of(lowmem.dequantize(key, state[key], state[key + lowmem.SCALE_SUFFIX]), p)
-                state[key], state[key + lowmem.SCALE_SUFFIX] = lowmem.quantize(key, value)
-            else:
-                state[key] = _in_layout_of(state[key], p)
+        sm, sn, sd_, sneg = state[_M], state[_N], state[_D], state[_NEG]
+        if not (sm.stride() == stride and sn.stride() == stride and sd_.stride() == stride
+                and sneg.stride() == stride):
+            for key in STATE_KEYS:
+                if state[key].stride() == stride:
+                    continue  # already in the parameter's layout (what _in_layout_of would return)
+                if eight_bit and not is_dtensor(p):
+                    # Codes in another layout than the parameter's: their blocks follow memory
+                    # order, so they are re-quantized in the parameter's (rare: a layout change).
+                    value = _in_layout_of(lowmem.dequantize(key, state[key], state[key + lowmem.SCALE_SUFFIX]), p)
+                    state[key], state[key + lowmem.SCALE_SUFFIX] = lowmem.quantize(key, value)
+                else:
+                    state[key] = _in_layout_of(state[key], p)
+            sm, sn, sd_, sneg = state[_M], state[_N], state[_D], state[_NEG]
         comp = lowmem.kahan_buffer(state, p, kahan_sum) if kahan_sum else None
         if comp is not None and comp.stride() != stride:
             comp = state[lowmem.KAHAN_KEY] = _in_layout_of(comp, p)
@@ -220,10 +227,10 @@ def fused_group_step(optimizer, group: Dict[str, Any], params: List[Tensor], gra
                 ps.zero_()
             param_steps.append(ps)
         fresh.append(is_fresh)
-        m.append(state["exp_avg"])
-        n.append(state["exp_avg_sq"])
-        d.append(state["exp_avg_diff"])
-        neg.append(state["neg_pre_grad"])
+        m.append(sm)
+        n.append(sn)
+        d.append(sd_)
+        neg.append(sneg)
     grads = laid_out
 
     if hparams is None:
@@ -234,9 +241,9 @@ def fused_group_step(optimizer, group: Dict[str, Any], params: List[Tensor], gra
                  eps=hparams["eps"], weight_decay=hparams["weight_decay"], no_prox=group["no_prox"],
                  caution=group["caution"], grad_coef=grad_coef, grad_scale=grad_scale, found_inf=found_inf,
                  backend=group.get("fused_backend"))
-    if any(c is not None for c in comps):
+    if kahan_sum and any(c is not None for c in comps):
         hyper["kahan_comps"] = comps
-    if any(sc is not None for sc in scales):
+    if eight_bit_group and any(sc is not None for sc in scales):
         hyper["state_scales"] = scales
     if device_mode:
         inc: Union[int, Tensor] = 1 if found_inf is None else 1 - _scalar_on(found_inf, step_t.device)
