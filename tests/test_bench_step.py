@@ -135,26 +135,72 @@ def _row(model, variant, ms, params=10**6, bytes_per_param=44):
     return bs.Row(model, variant, variant, times=[ms / 1e3], params=params, bytes=bytes_per_param * params)
 
 
+def _by_text(targets):
+    return {t.text: t for t in targets}
+
+
+FP32 = "CPU, ResNet-50 shapes, fp32: ours fused ≤ 1.65× torch AdamW(fused=True) ms/step"
+TIMM = "CPU, ResNet-50 shapes, fp32: ours fused ≥ 6× faster than timm Adan foreach"
+
+
 def test_cpu_targets_are_judged_from_the_rows():
     info = _info("cpu", copy_gbps=10.0)
-    met = bs.evaluate_targets([_row("resnet50", "ours-fused", 20.0), _row("resnet50", "adamw-fused", 16.0),
-                               _row("resnet50", "timm-foreach", 130.0)], info)
-    assert [t.verdict for t in met] == ["met", "met"]
-    assert "1.25×" in met[0].detail and "6.50×" in met[1].detail
-    missed = bs.evaluate_targets([_row("resnet50", "ours-fused", 30.0), _row("resnet50", "adamw-fused", 16.0),
-                                  _row("resnet50", "timm-foreach", 130.0)], info)
-    assert [t.verdict for t in missed] == ["not met", "not met"]
+    met = _by_text(bs.evaluate_targets([_row("resnet50", "ours-fused", 20.0), _row("resnet50", "adamw-fused", 16.0),
+                                        _row("resnet50", "timm-foreach", 130.0)], info))
+    assert (met[FP32].verdict, met[TIMM].verdict) == ("met", "met")
+    assert "1.25×" in met[FP32].detail and "6.50×" in met[TIMM].detail
+    missed = _by_text(bs.evaluate_targets([_row("resnet50", "ours-fused", 30.0),
+                                           _row("resnet50", "adamw-fused", 16.0),
+                                           _row("resnet50", "timm-foreach", 130.0)], info))
+    assert (missed[FP32].verdict, missed[TIMM].verdict) == ("not met", "not met")
     na = bs.Row("resnet50", "ours-fused", "x", reason="extension not built")
-    none = bs.evaluate_targets([na, _row("resnet50", "adamw-fused", 16.0)], info)
-    assert [t.verdict for t in none] == ["not evaluated"] * 2
-    assert "extension not built" in none[0].detail
+    targets = bs.evaluate_targets([na, _row("resnet50", "adamw-fused", 16.0)], info)
+    assert {t.verdict for t in targets} == {"not evaluated"}
+    none = _by_text(targets)
+    assert "resnet50/ours-fused: n/a (extension not built)" in none[FP32].detail
+    assert "resnet50/timm-foreach: not run" in none[TIMM].detail
+
+
+def test_low_precision_state_targets_against_adamw_fused():
+    # Issue 11: bf16 state ≤ 1.15x and 8-bit state ≤ 1.0x AdamW(fused=True), ResNet-50 and ViT-B shapes.
+    rows = [_row("resnet50", "adamw-fused", 10.0), _row("resnet50", "ours-fused-bf16", 11.4),
+            _row("resnet50", "ours-fused-8bit", 10.1),
+            _row("vit_base_patch16_224", "adamw-fused", 30.0), _row("vit_base_patch16_224", "ours-fused-bf16", 35.0),
+            bs.Row("vit_base_patch16_224", "ours-fused-8bit", "x", reason="kernel not built here")]
+    got = _by_text(bs.evaluate_targets(rows, _info("cpu", copy_gbps=10.0)))
+    text = "CPU, {} shapes, {}: ours fused ≤ {}× torch AdamW(fused=True) ms/step"
+    bf16 = got[text.format("ResNet-50", "bf16 state", "1.15")]
+    eight = got[text.format("ResNet-50", "8-bit state", "1.0")]
+    assert (bf16.verdict, bf16.detail) == ("met", "11.40 / 10.00 ms = 1.14×")
+    assert (eight.verdict, eight.detail) == ("not met", "10.10 / 10.00 ms = 1.01×")
+    vit_bf16 = got[text.format("ViT-B/16", "bf16 state", "1.15")]
+    vit_eight = got[text.format("ViT-B/16", "8-bit state", "1.0")]
+    assert vit_bf16.verdict == "not met" and "1.17×" in vit_bf16.detail
+    assert vit_eight.verdict == "not evaluated"
+    assert vit_eight.detail == "vit_base_patch16_224/ours-fused-8bit: n/a (kernel not built here)"
+    # No row of the baseline: not evaluated, and the missing row is named.
+    alone = _by_text(bs.evaluate_targets([_row("resnet50", "ours-fused-bf16", 11.0)], _info("cpu", 10.0)))
+    assert alone[text.format("ResNet-50", "bf16 state", "1.15")].detail == "resnet50/adamw-fused: not run"
+
+
+def test_ratio_target_directions_and_metrics():
+    look = {(r.model, r.variant): r for r in [_row("m", "a", 10.0, params=10**9), _row("m", "b", 20.0, params=10**9)]}
+    assert bs.ratio_target(look, "t", "m", "a", "b", 0.5).verdict == "met"  # 10 / 20 = 0.5 ≤ 0.5
+    assert bs.ratio_target(look, "t", "m", "a", "b", 0.4).verdict == "not met"
+    assert bs.ratio_target(look, "t", "m", "b", "a", 2.0, at_least=True).verdict == "met"  # 20 / 10 ≥ 2
+    assert bs.ratio_target(look, "t", "m", "b", "a", 2.1, at_least=True).verdict == "not met"
+    # GB/s: a moves the same bytes in half the time, so at twice the bandwidth.
+    fast = bs.ratio_target(look, "t", "m", "a", "b", 1.0, at_least=True, metric="gbps")
+    assert fast.verdict == "met" and fast.detail == "4400 / 2200 GB/s = 2.00×"
+    lacking = bs.ratio_target(look, "t", "m", "a", "c", 1.0)
+    assert (lacking.verdict, lacking.detail) == ("not evaluated", "m/c: not run")
 
 
 def test_bytes_bound_is_reported_with_the_timm_target():
     fused, timm_fe = _row("resnet50", "ours-fused", 20.0), _row("resnet50", "timm-foreach", 100.0)
     fused.op_bytes, timm_fe.op_bytes = 44 * fused.params, 176 * timm_fe.params
-    (_adamw, target) = bs.evaluate_targets([fused, _row("resnet50", "adamw-fused", 16.0), timm_fe],
-                                           _info("cpu", copy_gbps=10.0))
+    target = _by_text(bs.evaluate_targets([fused, _row("resnet50", "adamw-fused", 16.0), timm_fe],
+                                          _info("cpu", copy_gbps=10.0)))[TIMM]
     assert target.verdict == "not met" and "5.00×" in target.detail
     # 176 / 44 B = 4x from bytes; the remaining 1.25x is timm running at 80% of our bandwidth.
     assert "176 / 44 B/param (4.00×" in target.detail and "(1.25×)" in target.detail
