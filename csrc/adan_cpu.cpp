@@ -19,6 +19,10 @@ namespace adan_plugin {
 namespace {
 
 constexpr int64_t kChunk = 16384;  // elements per parallel work item
+// Calls with fewer elements run on the calling thread: a parallel region costs a few microseconds on
+// idle cores, and on busy ones it waits a scheduler time slice (milliseconds) for its second thread,
+// far more than the ~30 us this much work takes on one core.
+constexpr int64_t kSerialBelow = 4 * kChunk;
 static_assert(kChunk % quant::kQBlock == 0, "a chunk holds whole quantization blocks");
 
 // The builds of adan_cpu_kernel.h, weakest first; each needs the
@@ -103,6 +107,7 @@ void fused_adan_cpu(at::TensorList params, at::TensorList grads, at::TensorList 
 
   std::vector<CpuTensor> tensors;
   std::vector<std::pair<int32_t, int64_t>> chunks;  // (tensor, first element)
+  int64_t total = 0;
   tensors.reserve(params.size());
   for (size_t i = 0; i < params.size(); ++i) {
     const int64_t numel = params[i].numel();
@@ -113,18 +118,25 @@ void fused_adan_cpu(at::TensorList params, at::TensorList grads, at::TensorList 
                  exp_avg_diffs[i].data_ptr(), neg_pre_grads[i].data_ptr(), {}, nullptr, numel, first};
     fill_lowmem(ct, call, i);
     tensors.push_back(ct);
+    total += numel;
     for (int64_t start = 0; start < numel; start += kChunk)
       chunks.emplace_back(static_cast<int32_t>(tensors.size() - 1), start);
   }
   if (chunks.empty()) return;
 
-  at::parallel_for(0, static_cast<int64_t>(chunks.size()), 1, [&](int64_t lo, int64_t hi) {
+  const auto run = [&](int64_t lo, int64_t hi) {
     for (int64_t k = lo; k < hi; ++k) {
       const CpuTensor& t = tensors[chunks[k].first];
       const int64_t begin = chunks[k].second;
       update(t, begin, std::min(begin + kChunk, t.numel), coeffs, p_dtype, s_dtype);
     }
-  });
+  };
+  const int64_t n_chunks = static_cast<int64_t>(chunks.size());
+  if (total < kSerialBelow) {
+    run(0, n_chunks);
+  } else {
+    at::parallel_for(0, n_chunks, 1, run);
+  }
 }
 
 }  // namespace adan_plugin
