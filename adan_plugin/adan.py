@@ -25,9 +25,9 @@ _FUSED_REFUSAL = "`fused=True` requires all the params to be floating point Tens
 
 
 def _triton_lacks(group: Dict[str, Any]) -> List[str]:
-    """The options enabled in ``group`` that the Triton kernels do not implement."""
-    lacks = [k for k in ("caution", "kahan_sum") if group.get(k)]
-    return lacks + (["state_dtype='8bit'"] if group.get("state_dtype") == "8bit" else [])
+    """The options enabled in ``group`` that the Triton kernels do not implement (8-bit states and
+    ``kahan_sum`` they do; ``caution`` no fused kernel does)."""
+    return ["caution"] if group.get("caution") else []
 
 
 def _is_dense(t: Tensor) -> bool:
@@ -217,7 +217,7 @@ class Adan(Optimizer):
         lacks = _triton_lacks(group)
         if group["fused_backend"] == "triton" and lacks:
             raise ValueError(f"Adan: fused_backend='triton': the Triton kernels do not implement "
-                             f"{', '.join(lacks)}; use fused_backend=None or 'cuda'")
+                             f"{', '.join(lacks)}")
         fused_only = [k for k in _FUSED_ONLY if group[k] not in (None, False)]
         for key, value in (("fused", False), ("foreach", True)):
             if fused_only and group[key] is value:

@@ -57,6 +57,8 @@ BLOCK = 1024          # elements per vector operation of a program
 CHUNK = 16 * BLOCK    # elements per program
 MAX_PROGRAMS = 65535  # programs per launch; a plan with more chunks takes several launches
 NUM_WARPS = 4
+QBLOCK = 256          # elements per 8-bit quantization block (csrc/adan_quant.h kQBlock); divides CHUNK and BLOCK
+_ROW = 13             # int64 entries per row of the tensor table (see _adan_kernel)
 _CACHE_SIZE = 64
 _OP = "adan_plugin.fused_adan_triton_"
 
@@ -85,17 +87,11 @@ def _lerp(start, end, w, w_rest, LOW: tl.constexpr):
 
 
 @triton.jit
-def _adan_elements(p_ptr, g_ptr, m_ptr, n_ptr, d_ptr, neg_ptr, offs, mask, first, grad_mul,
-                   beta2, beta3, w1, w1_rest, w2, w2_rest, w3, step_size, step_size_diff, inv_bc3_sqrt, eps,
-                   decay_mul, inv_decay_div,
-                   P_DTYPE: tl.constexpr, S_DTYPE: tl.constexpr, LOW1: tl.constexpr, LOW2: tl.constexpr):
-    # csrc/adan_math.h adan_update, operation for operation.
-    p = tl.load(p_ptr + offs, mask=mask).to(tl.float32)
-    g = tl.load(g_ptr + offs, mask=mask).to(tl.float32) * grad_mul
-    m = tl.load(m_ptr + offs, mask=mask).to(tl.float32)
-    n = tl.load(n_ptr + offs, mask=mask).to(tl.float32)
-    d = tl.load(d_ptr + offs, mask=mask).to(tl.float32)
-    neg = tl.load(neg_ptr + offs, mask=mask).to(tl.float32)
+def _adan_math(p, g, m, n, d, neg, first, grad_mul, beta2, beta3, w1, w1_rest, w2, w2_rest, w3, step_size,
+               step_size_diff, inv_bc3_sqrt, eps, decay_mul, inv_decay_div, LOW1: tl.constexpr,
+               LOW2: tl.constexpr):
+    # csrc/adan_math.h adan_update, operation for operation; returns p, m, n, d, neg_pre_grad.
+    g = g * grad_mul
     diff = tl.where(first, 0.0, g + neg)
     m = _lerp(m, g, w1, w1_rest, LOW1)
     d = _lerp(d, diff, w2, w2_rest, LOW2)
@@ -105,11 +101,133 @@ def _adan_elements(p_ptr, g_ptr, m_ptr, n_ptr, d_ptr, neg_ptr, offs, mask, first
     p = p * decay_mul
     p = p - tl.div_rn(step_size * m + step_size_diff * d, denom)
     p = p * inv_decay_div
-    tl.store(p_ptr + offs, _to_storage(p, P_DTYPE), mask=mask)
+    return p, m, n, d, 0.0 - g
+
+
+@triton.jit
+def _load_param(p_ptr, comp_ptr, offs, mask, HAS_COMP: tl.constexpr):
+    # A Kahan-compensated parameter (kahan_sum) is p + comp in fp32 (csrc/adan_cpu_lowmem.h ParamIo).
+    p = tl.load(p_ptr + offs, mask=mask).to(tl.float32)
+    if HAS_COMP:
+        p = p + tl.load(comp_ptr + offs, mask=mask).to(tl.float32)
+    return p
+
+
+@triton.jit
+def _store_param(p_ptr, comp_ptr, offs, mask, x, P_DTYPE: tl.constexpr, HAS_COMP: tl.constexpr):
+    # csrc/adan_quant.h kahan_store: p = round(x), comp = round(x - p) (x - p is exact in fp32).
+    p = _to_storage(x, P_DTYPE)
+    tl.store(p_ptr + offs, p, mask=mask)
+    if HAS_COMP:
+        tl.store(comp_ptr + offs, _to_storage(x - p.to(tl.float32), P_DTYPE), mask=mask)
+
+
+@triton.jit
+def _adan_elements(p_ptr, g_ptr, m_ptr, n_ptr, d_ptr, neg_ptr, comp_ptr, offs, mask, first, grad_mul,
+                   beta2, beta3, w1, w1_rest, w2, w2_rest, w3, step_size, step_size_diff, inv_bc3_sqrt, eps,
+                   decay_mul, inv_decay_div, P_DTYPE: tl.constexpr, S_DTYPE: tl.constexpr, HAS_COMP: tl.constexpr,
+                   LOW1: tl.constexpr, LOW2: tl.constexpr):
+    p = _load_param(p_ptr, comp_ptr, offs, mask, HAS_COMP)
+    g = tl.load(g_ptr + offs, mask=mask).to(tl.float32)
+    m = tl.load(m_ptr + offs, mask=mask).to(tl.float32)
+    n = tl.load(n_ptr + offs, mask=mask).to(tl.float32)
+    d = tl.load(d_ptr + offs, mask=mask).to(tl.float32)
+    neg = tl.load(neg_ptr + offs, mask=mask).to(tl.float32)
+    p, m, n, d, neg = _adan_math(p, g, m, n, d, neg, first, grad_mul, beta2, beta3, w1, w1_rest, w2, w2_rest, w3,
+                                 step_size, step_size_diff, inv_bc3_sqrt, eps, decay_mul, inv_decay_div, LOW1, LOW2)
+    _store_param(p_ptr, comp_ptr, offs, mask, p, P_DTYPE, HAS_COMP)
     tl.store(m_ptr + offs, _to_storage(m, S_DTYPE), mask=mask)
     tl.store(n_ptr + offs, _to_storage(n, S_DTYPE), mask=mask)
     tl.store(d_ptr + offs, _to_storage(d, S_DTYPE), mask=mask)
-    tl.store(neg_ptr + offs, _to_storage(0.0 - g, S_DTYPE), mask=mask)
+    tl.store(neg_ptr + offs, _to_storage(neg, S_DTYPE), mask=mask)
+
+
+# 8-bit states: the maps of csrc/adan_quant.h (spec in adan_plugin/lowmem.py).  A tile is [rows, QBLOCK]:
+# one row per quantization block, so a block's new maximum is a row reduction in registers.  Every map
+# multiplies, divides (IEEE) or takes an IEEE square root, with no multiply feeding an add, so no FMA
+# contraction can change a code on any backend.
+@triton.jit
+def _div_by(x, c: tl.constexpr):
+    return tl.div_rn(x, tl.full(x.shape, c, tl.float32))
+
+
+@triton.jit
+def _dequant_signed(codes, scale, CMAX: tl.constexpr):
+    # adan_quant.h dequantize_signed: float(c * |c|) * (A / cmax^2).
+    c = codes.to(tl.int32)
+    return (c * tl.abs(c)).to(tl.float32) * _div_by(scale, CMAX * CMAX)[:, None]
+
+
+@triton.jit
+def _dequant_sq(codes, scale, CMAX: tl.constexpr):
+    # adan_quant.h dequantize_sq: u = float(c * c) * (A / cmax^2), n = u * u.
+    c = codes.to(tl.int32)
+    u = (c * c).to(tl.float32) * _div_by(scale, CMAX * CMAX)[:, None]
+    return u * u
+
+
+@triton.jit
+def _row_max(mag, mask):
+    # The largest of each row's non-negative magnitudes (lanes outside the tensor count as 0); NaN when
+    # the row holds one, as csrc/adan_cuda_block.h max_nan (tl.max alone may drop NaNs on a GPU).
+    if mask is not None:
+        mag = tl.where(mask, mag, 0.0)
+    has_nan = tl.max((mag != mag).to(tl.int32), axis=1)
+    return tl.where(has_nan != 0, float("nan"), tl.max(mag, axis=1))
+
+
+@triton.jit
+def _quant_level(mag, absmax, CMAX: tl.constexpr):
+    # adan_quant.h quant_factor + quant_level: s = cmax^2 / A (0 when A < kMinAbsmax, NaN included),
+    # v = min(mag * s, cmax^2) (NaN: cmax^2), and the c with (c - 1/2)^2 <= v < (c + 1/2)^2: fp32
+    # floor(sqrt(v) + 1/2) is that c or one off, and the thresholds are exact in fp32 (so a contracted
+    # (c - 1/2)^2 + c rounds the same), two comparisons settle it.
+    ok = absmax >= 1e-30
+    s = tl.where(ok, tl.div_rn(tl.full(absmax.shape, CMAX * CMAX, tl.float32), tl.where(ok, absmax, 1.0)), 0.0)
+    prod = mag * s[:, None]
+    v = tl.where(prod < CMAX * CMAX, prod, CMAX * CMAX)
+    c = tl.floor(tl.sqrt_rn(v) + 0.5)
+    lo = (c - 0.5) * (c - 0.5)
+    c = tl.where(v < lo, c - 1.0, tl.where(v >= lo + c + c, c + 1.0, c))
+    return tl.where(c > 0.0, c, 0.0).to(tl.int32)
+
+
+@triton.jit
+def _quant_signed(x, absmax):
+    # adan_quant.h quantize_signed: x's sign, the level of |x|.
+    c = _quant_level(tl.abs(x), absmax, 127)
+    return tl.where(x < 0.0, -c, c).to(tl.int8)
+
+
+@triton.jit
+def _adan_q8_tile(p_ptr, g_ptr, comp_ptr, m_ptr, n_ptr, d_ptr, neg_ptr, sm_ptr, sn_ptr, sd_ptr, se_ptr,
+                  rows, offs, mask, row_mask, first, grad_mul, beta2, beta3, w1, w1_rest, w2, w2_rest, w3,
+                  step_size, step_size_diff, inv_bc3_sqrt, eps, decay_mul, inv_decay_div,
+                  P_DTYPE: tl.constexpr, HAS_COMP: tl.constexpr, LOW1: tl.constexpr, LOW2: tl.constexpr):
+    # Dequantize -> update -> block maxima -> requantize, all in registers (csrc/adan_cpu_lowmem.h
+    # update_range_q8 does the same through a per-block stack buffer).
+    p = _load_param(p_ptr, comp_ptr, offs, mask, HAS_COMP)
+    g = tl.load(g_ptr + offs, mask=mask).to(tl.float32)
+    m = _dequant_signed(tl.load(m_ptr + offs, mask=mask), tl.load(sm_ptr + rows, mask=row_mask), 127)
+    n = _dequant_sq(tl.load(n_ptr + offs, mask=mask), tl.load(sn_ptr + rows, mask=row_mask), 255)
+    d = _dequant_signed(tl.load(d_ptr + offs, mask=mask), tl.load(sd_ptr + rows, mask=row_mask), 127)
+    neg = _dequant_signed(tl.load(neg_ptr + offs, mask=mask), tl.load(se_ptr + rows, mask=row_mask), 127)
+    p, m, n, d, neg = _adan_math(p, g, m, n, d, neg, first, grad_mul, beta2, beta3, w1, w1_rest, w2, w2_rest, w3,
+                                 step_size, step_size_diff, inv_bc3_sqrt, eps, decay_mul, inv_decay_div, LOW1, LOW2)
+    _store_param(p_ptr, comp_ptr, offs, mask, p, P_DTYPE, HAS_COMP)
+
+    am, ad, ae = _row_max(tl.abs(m), mask), _row_max(tl.abs(d), mask), _row_max(tl.abs(neg), mask)
+    tl.store(m_ptr + offs, _quant_signed(m, am), mask=mask)
+    tl.store(d_ptr + offs, _quant_signed(d, ad), mask=mask)
+    tl.store(neg_ptr + offs, _quant_signed(neg, ae), mask=mask)
+    # exp_avg_sq: the code is that of sqrt(n), A = max sqrt(n) = sqrt(max n), and never 0 for n > 0.
+    an = tl.sqrt_rn(_row_max(n, mask))
+    cn = _quant_level(tl.sqrt_rn(n), an, 255)
+    tl.store(n_ptr + offs, tl.where((cn == 0) & (n > 0.0), 1, cn).to(tl.uint8), mask=mask)
+    tl.store(sm_ptr + rows, am, mask=row_mask)
+    tl.store(sn_ptr + rows, an, mask=row_mask)
+    tl.store(sd_ptr + rows, ad, mask=row_mask)
+    tl.store(se_ptr + rows, ae, mask=row_mask)
 
 
 @triton.jit
@@ -131,12 +249,13 @@ def _adan_kernel(tensor_table, chunk_table, chunk_base,
                  lr_hi, lr_lo, beta1_hi, beta1_lo, beta2_hi, beta2_lo, beta3_hi, beta3_lo,
                  beta2, beta3, w1, w1_rest, w2, w2_rest, w3, eps, decay_mul, inv_decay_div,
                  FIRST: tl.constexpr, HAS_PARAM_STEPS: tl.constexpr, ALIGNED: tl.constexpr,
-                 LOW1: tl.constexpr, LOW2: tl.constexpr,
-                 P_DTYPE: tl.constexpr, S_DTYPE: tl.constexpr, BLOCK: tl.constexpr, CHUNK: tl.constexpr):
+                 LOW1: tl.constexpr, LOW2: tl.constexpr, P_DTYPE: tl.constexpr, S_DTYPE: tl.constexpr,
+                 Q8: tl.constexpr, HAS_COMP: tl.constexpr, ROW: tl.constexpr, BLOCK: tl.constexpr,
+                 CHUNK: tl.constexpr, QBLOCK: tl.constexpr):
     c = chunk_base + tl.program_id(0)
     t = tl.load(chunk_table + 2 * c).to(tl.int64)
     start = tl.load(chunk_table + 2 * c + 1).to(tl.int64) * CHUNK
-    row = tensor_table + 8 * t
+    row = tensor_table + ROW * t
     n = tl.minimum(tl.load(row + 7) - start, CHUNK)
     if found_inf_ptr is not None:  # AMP overflow: write nothing
         n = tl.where(tl.load(found_inf_ptr) != 0.0, 0, n)
@@ -166,37 +285,75 @@ def _adan_kernel(tensor_table, chunk_table, chunk_base,
     if grad_scale_ptr is not None:
         grad_mul = tl.div_rn(grad_mul, tl.load(grad_scale_ptr))
 
+    # A row of the tensor table: p, g, m, n, d, neg_pre_grad, step count, numel, then (8-bit states) the
+    # four scale lists' addresses and (kahan_sum) the compensation's.
     p_ptr = tl.load(row + 0).to(tl.pointer_type(P_DTYPE))
     g_ptr = tl.load(row + 1).to(tl.pointer_type(P_DTYPE))
-    m_ptr = tl.load(row + 2).to(tl.pointer_type(S_DTYPE))
-    n_ptr = tl.load(row + 3).to(tl.pointer_type(S_DTYPE))
-    d_ptr = tl.load(row + 4).to(tl.pointer_type(S_DTYPE))
-    neg_ptr = tl.load(row + 5).to(tl.pointer_type(S_DTYPE))
-    if ALIGNED:  # checked on the host for all six: lets the compiler use 16-byte loads
+    if Q8:
+        m_ptr = tl.load(row + 2).to(tl.pointer_type(tl.int8))
+        n_ptr = tl.load(row + 3).to(tl.pointer_type(tl.uint8))
+        d_ptr = tl.load(row + 4).to(tl.pointer_type(tl.int8))
+        neg_ptr = tl.load(row + 5).to(tl.pointer_type(tl.int8))
+    else:
+        m_ptr = tl.load(row + 2).to(tl.pointer_type(S_DTYPE))
+        n_ptr = tl.load(row + 3).to(tl.pointer_type(S_DTYPE))
+        d_ptr = tl.load(row + 4).to(tl.pointer_type(S_DTYPE))
+        neg_ptr = tl.load(row + 5).to(tl.pointer_type(S_DTYPE))
+    comp_ptr = p_ptr  # unused unless HAS_COMP
+    if HAS_COMP:
+        comp_ptr = tl.load(row + 12).to(tl.pointer_type(P_DTYPE))
+    if ALIGNED:  # checked on the host for all of them: lets the compiler use 16-byte loads
         p_ptr = tl.multiple_of(p_ptr, 16)
         g_ptr = tl.multiple_of(g_ptr, 16)
         m_ptr = tl.multiple_of(m_ptr, 16)
         n_ptr = tl.multiple_of(n_ptr, 16)
         d_ptr = tl.multiple_of(d_ptr, 16)
         neg_ptr = tl.multiple_of(neg_ptr, 16)
+        comp_ptr = tl.multiple_of(comp_ptr, 16)
     p_ptr += start
     g_ptr += start
     m_ptr += start
     n_ptr += start
     d_ptr += start
     neg_ptr += start
+    comp_ptr += start
 
     full = n // BLOCK
-    for b in range(0, full):
-        offs = b * BLOCK + tl.arange(0, BLOCK)
-        _adan_elements(p_ptr, g_ptr, m_ptr, n_ptr, d_ptr, neg_ptr, offs, None, first, grad_mul,
-                       beta2, beta3, w1, w1_rest, w2, w2_rest, w3, step_size, step_size_diff, inv_bc3_sqrt,
-                       eps, decay_mul, inv_decay_div, P_DTYPE, S_DTYPE, LOW1, LOW2)
-    if full * BLOCK < n:
-        offs = full * BLOCK + tl.arange(0, BLOCK)
-        _adan_elements(p_ptr, g_ptr, m_ptr, n_ptr, d_ptr, neg_ptr, offs, offs < n, first, grad_mul,
-                       beta2, beta3, w1, w1_rest, w2, w2_rest, w3, step_size, step_size_diff, inv_bc3_sqrt,
-                       eps, decay_mul, inv_decay_div, P_DTYPE, S_DTYPE, LOW1, LOW2)
+    if Q8:
+        # Chunks hold whole quantization blocks (CHUNK % QBLOCK == 0, checked on the host): a tile is
+        # BLOCK // QBLOCK of them, one per row.
+        qstart = start // QBLOCK
+        sm_ptr = tl.load(row + 8).to(tl.pointer_type(tl.float32)) + qstart
+        sn_ptr = tl.load(row + 9).to(tl.pointer_type(tl.float32)) + qstart
+        sd_ptr = tl.load(row + 10).to(tl.pointer_type(tl.float32)) + qstart
+        se_ptr = tl.load(row + 11).to(tl.pointer_type(tl.float32)) + qstart
+        r = tl.arange(0, BLOCK // QBLOCK)
+        e = tl.arange(0, QBLOCK)
+        for b in range(0, full):
+            rows = b * (BLOCK // QBLOCK) + r
+            offs = rows[:, None] * QBLOCK + e[None, :]
+            _adan_q8_tile(p_ptr, g_ptr, comp_ptr, m_ptr, n_ptr, d_ptr, neg_ptr, sm_ptr, sn_ptr, sd_ptr, se_ptr,
+                          rows, offs, None, None, first, grad_mul, beta2, beta3, w1, w1_rest, w2, w2_rest, w3,
+                          step_size, step_size_diff, inv_bc3_sqrt, eps, decay_mul, inv_decay_div,
+                          P_DTYPE, HAS_COMP, LOW1, LOW2)
+        if full * BLOCK < n:
+            rows = full * (BLOCK // QBLOCK) + r
+            offs = rows[:, None] * QBLOCK + e[None, :]
+            _adan_q8_tile(p_ptr, g_ptr, comp_ptr, m_ptr, n_ptr, d_ptr, neg_ptr, sm_ptr, sn_ptr, sd_ptr, se_ptr,
+                          rows, offs, offs < n, rows * QBLOCK < n, first, grad_mul, beta2, beta3, w1, w1_rest,
+                          w2, w2_rest, w3, step_size, step_size_diff, inv_bc3_sqrt, eps, decay_mul,
+                          inv_decay_div, P_DTYPE, HAS_COMP, LOW1, LOW2)
+    else:
+        for b in range(0, full):
+            offs = b * BLOCK + tl.arange(0, BLOCK)
+            _adan_elements(p_ptr, g_ptr, m_ptr, n_ptr, d_ptr, neg_ptr, comp_ptr, offs, None, first, grad_mul,
+                           beta2, beta3, w1, w1_rest, w2, w2_rest, w3, step_size, step_size_diff, inv_bc3_sqrt,
+                           eps, decay_mul, inv_decay_div, P_DTYPE, S_DTYPE, HAS_COMP, LOW1, LOW2)
+        if full * BLOCK < n:
+            offs = full * BLOCK + tl.arange(0, BLOCK)
+            _adan_elements(p_ptr, g_ptr, m_ptr, n_ptr, d_ptr, neg_ptr, comp_ptr, offs, offs < n, first,
+                           grad_mul, beta2, beta3, w1, w1_rest, w2, w2_rest, w3, step_size, step_size_diff,
+                           inv_bc3_sqrt, eps, decay_mul, inv_decay_div, P_DTYPE, S_DTYPE, HAS_COMP, LOW1, LOW2)
 
 
 # ---------------------------------------------------------------------------------- device support
@@ -227,6 +384,7 @@ def supports(device: torch.device) -> Tuple[bool, str]:
 # ------------------------------------------------------------------------------------ validation
 _DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 _NAMES = ("grad", "exp_avg", "exp_avg_sq", "exp_avg_diff", "neg_pre_grad")
+_SCALE_NAMES = ("exp_avg_scales", "exp_avg_sq_scales", "exp_avg_diff_scales", "neg_pre_grad_scales")
 
 
 def _check_scalar(t: Optional[Tensor], name: str, device: torch.device) -> None:
@@ -240,8 +398,39 @@ def _check_scalar(t: Optional[Tensor], name: str, device: torch.device) -> None:
                            "device, never copied)")
 
 
-def _check(lists: Sequence[Sequence[Tensor]], step_tensor, param_steps, grad_coef, grad_scale, found_inf):
-    """The C++ op's checks (csrc/adan_ops.cpp), with its messages: all before anything is written."""
+def _check_lowmem(params: Sequence[Tensor], q8: bool, scales: Sequence[Sequence[Tensor]],
+                  comps: Sequence[Tensor]) -> None:
+    """csrc/adan_ops.cpp check_lowmem_args: 8-bit states' scales and Kahan compensations."""
+    n = len(params)
+    for name, ts in zip(_SCALE_NAMES, scales):
+        if (len(ts) != n) if q8 else len(ts):
+            want = "have one entry per parameter with 8-bit (int8) states" if q8 else \
+                "be empty unless the states are 8-bit"
+            raise RuntimeError(f"{_OP}: {name} must {want}, got {len(ts)} for {n} parameters")
+        for i, s in enumerate(ts):
+            p = params[i]
+            blocks = triton.cdiv(p.numel(), QBLOCK)
+            if s.dtype != torch.float32 or s.device != p.device or not s.is_contiguous() or s.numel() != blocks:
+                raise RuntimeError(f"{_OP}: {name}[{i}] must be a contiguous float32 tensor of {blocks} elements "
+                                   f"(one per {QBLOCK} elements) on {p.device}, got {s.dtype} of shape "
+                                   f"{tuple(s.shape)} on {s.device}")
+    if comps and len(comps) != n:
+        raise RuntimeError(f"{_OP}: kahan_comps must be empty or have one entry per parameter, got {len(comps)} "
+                           f"for {n}")
+    for i, c in enumerate(comps):
+        p = params[i]
+        if p.dtype not in (torch.bfloat16, torch.float16):
+            raise RuntimeError(f"{_OP}: kahan_comps are for bfloat16/float16 parameters, parameter {i} is {p.dtype}")
+        if c.dtype != p.dtype or c.device != p.device or c.shape != p.shape or c.stride() != p.stride():
+            raise RuntimeError(f"{_OP}: kahan_comps[{i}] must match its parameter ({p.dtype} {tuple(p.shape)} "
+                               f"strides {p.stride()} on {p.device}), got {c.dtype} {tuple(c.shape)} strides "
+                               f"{c.stride()} on {c.device}")
+
+
+def _check(lists: Sequence[Sequence[Tensor]], step_tensor, param_steps, grad_coef, grad_scale, found_inf,
+           scales: Sequence[Sequence[Tensor]] = ((), (), (), ()), comps: Sequence[Tensor] = ()) -> bool:
+    """The C++ op's checks (csrc/adan_ops.cpp), with its messages: all before anything is written.
+    Returns whether the states are 8-bit."""
     n = len(lists[0])
     if any(len(ts) != n for ts in lists):
         raise RuntimeError(f"{_OP}: the six tensor lists must have the same length, got "
@@ -251,12 +440,14 @@ def _check(lists: Sequence[Sequence[Tensor]], step_tensor, param_steps, grad_coe
     if param_steps and step_tensor is None:
         raise RuntimeError(f"{_OP}: param_steps needs step_tensor (device-step mode)")
     if n == 0:
-        return
+        return False
     device, p_dtype, s_dtype = lists[0][0].device, lists[0][0].dtype, lists[2][0].dtype
     if p_dtype not in _DTYPES:
         raise RuntimeError(f"{_OP}: parameters must be float32, bfloat16 or float16, got {p_dtype}")
-    if s_dtype not in _DTYPES:
-        raise RuntimeError(f"{_OP}: states must be float32, bfloat16 or float16, got {s_dtype}")
+    q8 = s_dtype == torch.int8
+    if s_dtype not in _DTYPES and not q8:
+        raise RuntimeError(f"{_OP}: states must be float32, bfloat16 or float16 (or 8-bit: int8, with a uint8 "
+                           f"exp_avg_sq and scales), got {s_dtype}")
     for i in range(n):
         p = lists[0][i]
         if p.device != device or p.dtype != p_dtype:
@@ -267,7 +458,7 @@ def _check(lists: Sequence[Sequence[Tensor]], step_tensor, param_steps, grad_coe
         shape, stride = p.shape, p.stride()
         for k in range(1, 6):
             t = lists[k][i]
-            want = p_dtype if k == 1 else s_dtype
+            want = p_dtype if k == 1 else (torch.uint8 if q8 and k == 3 else s_dtype)
             if t.device != device or t.dtype != want:
                 raise RuntimeError(f"{_OP}: {_NAMES[k - 1]} of parameter {i} is {t.dtype} on {t.device}, "
                                    f"expected {want} on {device}")
@@ -276,9 +467,11 @@ def _check(lists: Sequence[Sequence[Tensor]], step_tensor, param_steps, grad_coe
                                    f"strides {t.stride()}; the parameter has {tuple(shape)} and {stride}")
         if param_steps:
             _check_scalar(param_steps[i], "param_steps[i]", device)
+    _check_lowmem(lists[0], q8, scales, comps)
     for name, t in (("step_tensor", step_tensor), ("grad_coef", grad_coef), ("grad_scale", grad_scale),
                     ("found_inf", found_inf)):
         _check_scalar(t, name, device)
+    return q8
 
 
 # ------------------------------------------------------------------------------------ launch plan
@@ -306,12 +499,17 @@ class _Launch:
 _plans: "OrderedDict[tuple, List[_Launch]]" = OrderedDict()
 
 
-def _plan(lists: Sequence[Sequence[Tensor]], param_steps: Sequence[Tensor]) -> List[_Launch]:
+def _plan(lists: Sequence[Sequence[Tensor]], param_steps: Sequence[Tensor],
+          scales: Sequence[Sequence[Tensor]], comps: Sequence[Tensor]) -> List[_Launch]:
     ptrs = [[t.data_ptr() for t in ts] for ts in lists]
     numels = [t.numel() for t in lists[0]]
-    step_ptrs = [t.data_ptr() for t in param_steps] if param_steps else [0] * len(numels)
+    none = [0] * len(numels)
+    step_ptrs = [t.data_ptr() for t in param_steps] if param_steps else none
+    scale_ptrs = [[t.data_ptr() for t in ts] if ts else none for ts in scales]
+    comp_ptrs = [t.data_ptr() for t in comps] if comps else none
     device = lists[0][0].device
-    key = (device, CHUNK, MAX_PROGRAMS, *map(tuple, ptrs), tuple(step_ptrs), tuple(numels))
+    key = (device, CHUNK, MAX_PROGRAMS, *map(tuple, ptrs), tuple(step_ptrs), tuple(numels),
+           *map(tuple, scale_ptrs), tuple(comp_ptrs))
     plan = _plans.get(key)
     if plan is not None:
         _plans.move_to_end(key)
@@ -321,9 +519,9 @@ def _plan(lists: Sequence[Sequence[Tensor]], param_steps: Sequence[Tensor]) -> L
         if numel == 0:
             continue
         six = [ptrs[k][i] for k in range(6)]
-        tensor_rows, chunk_rows = rows[all(a % 16 == 0 for a in six)]
+        tensor_rows, chunk_rows = rows[all(a % 16 == 0 for a in six + [comp_ptrs[i]])]
         chunk_rows.extend((len(tensor_rows), j) for j in range(triton.cdiv(numel, CHUNK)))
-        tensor_rows.append(six + [step_ptrs[i], numel])
+        tensor_rows.append(six + [step_ptrs[i], numel] + [sp[i] for sp in scale_ptrs] + [comp_ptrs[i]])
     plan = [_Launch(aligned, tensor_rows, chunk_rows, device)
             for aligned, (tensor_rows, chunk_rows) in rows.items() if chunk_rows]
     _plans[key] = plan
@@ -354,16 +552,15 @@ def _fused_adan_triton(params: List[Tensor], grads: List[Tensor], exp_avgs: List
                        exp_avg_diff_scales: Sequence[Tensor] = (), neg_pre_grad_scales: Sequence[Tensor] = (),
                        kahan_comps: Sequence[Tensor] = ()) -> None:
     """``torch.ops.adan_plugin.fused_adan_`` (csrc/README.md) with the Triton kernel; registered as
-    ``torch.ops.adan_plugin.fused_adan_triton_``.  8-bit states and Kahan buffers (the op's scale and
-    ``kahan_comps`` lists) are not implemented: non-empty lists are refused."""
-    if any(len(x) for x in (exp_avg_scales, exp_avg_sq_scales, exp_avg_diff_scales, neg_pre_grad_scales,
-                            kahan_comps)):
-        raise RuntimeError("adan_plugin.fused_adan_triton_: 8-bit states and kahan_comps are not implemented "
-                           "by the Triton kernels; use the compiled ones (fused_backend=None or 'cuda')")
+    ``torch.ops.adan_plugin.fused_adan_triton_``.  8-bit states (int8 ``exp_avgs``, with the four scale
+    lists) and Kahan buffers (``kahan_comps``) as in the C++ op."""
     lists = (params, grads, exp_avgs, exp_avg_sqs, exp_avg_diffs, neg_pre_grads)
-    _check(lists, step_tensor, param_steps, grad_coef, grad_scale, found_inf)
+    scales = (exp_avg_scales, exp_avg_sq_scales, exp_avg_diff_scales, neg_pre_grad_scales)
+    q8 = _check(lists, step_tensor, param_steps, grad_coef, grad_scale, found_inf, scales, kahan_comps)
     if not params:
         return
+    if q8 and (CHUNK % QBLOCK or BLOCK % QBLOCK):
+        raise RuntimeError(f"{_OP}: CHUNK ({CHUNK}) and BLOCK ({BLOCK}) must hold whole quantization blocks of {QBLOCK}")
     w1, w2, w3 = _f32(1.0 - beta1), _f32(1.0 - beta2), _f32(1.0 - beta3)
     decay = weight_decay != 0.0
     lr_hi, lr_lo = _split(lr)
@@ -378,13 +575,13 @@ def _fused_adan_triton(params: List[Tensor], grads: List[Tensor], exp_avgs: List
         decay_mul=_f32(1.0 - lr * weight_decay) if decay and no_prox else 1.0,
         inv_decay_div=_f32(1.0 / (1.0 + lr * weight_decay)) if decay and not no_prox else 1.0,
         FIRST=bool(first), HAS_PARAM_STEPS=bool(param_steps), LOW1=w1 < 0.5, LOW2=w2 < 0.5,
-        P_DTYPE=_DTYPES[params[0].dtype], S_DTYPE=_DTYPES[exp_avgs[0].dtype], BLOCK=BLOCK, CHUNK=CHUNK,
-        num_warps=NUM_WARPS,
+        P_DTYPE=_DTYPES[params[0].dtype], S_DTYPE=tl.int8 if q8 else _DTYPES[exp_avgs[0].dtype], Q8=q8,
+        HAS_COMP=bool(kahan_comps), ROW=_ROW, BLOCK=BLOCK, CHUNK=CHUNK, QBLOCK=QBLOCK, num_warps=NUM_WARPS,
     )
     device = params[0].device
     # Triton launches on the current device: make it the parameters' one.
     with getattr(torch, device.type).device(device) if device.type in ("cuda", "xpu") else nullcontext():
-        for launch in _plan(lists, param_steps):
+        for launch in _plan(lists, param_steps, scales, kahan_comps):
             for base, programs in launch.launches:
                 _adan_kernel[(programs,)](launch.tensor_table, launch.chunk_table, base, ALIGNED=launch.aligned,
                                           **scalars)

@@ -29,11 +29,28 @@ def _seed():
     torch.manual_seed(0)
 
 
+def _use_kernel(name, monkeypatch):
+    ops = torch.ops.adan_plugin
+    if name == "cuda_kernel_code":
+        monkeypatch.setattr(ops, "fused_adan_", ops._fused_adan_cuda_code_on_cpu_)
+    elif name == "triton_kernel":
+        from triton_interp import one_tile_per_chunk, triton_adan
+        if triton_adan is None:
+            pytest.skip("triton is not importable")
+        one_tile_per_chunk(monkeypatch)
+        monkeypatch.setattr(ops, "fused_adan_", ops.fused_adan_triton_)
+    return name
+
+
 # Tests of the fused op that take this fixture run once per kernel: the CPU kernel, and the CUDA
 # kernel's block code run on CPU tensors (csrc/adan_cuda_on_cpu.cpp), so the CUDA math is tested here.
 @pytest.fixture(params=["cpu_kernel", "cuda_kernel_code"])
 def kernel(request, monkeypatch):
-    if request.param == "cuda_kernel_code":
-        ops = torch.ops.adan_plugin
-        monkeypatch.setattr(ops, "fused_adan_", ops._fused_adan_cuda_code_on_cpu_)
-    return request.param
+    return _use_kernel(request.param, monkeypatch)
+
+
+# The same, and the Triton kernel run by Triton's interpreter (modules using it import triton_interp at
+# collection, see there), for tests cheap enough under the interpreter.
+@pytest.fixture(params=["cpu_kernel", "cuda_kernel_code", "triton_kernel"])
+def kernel_or_triton(request, monkeypatch):
+    return _use_kernel(request.param, monkeypatch)

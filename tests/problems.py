@@ -77,3 +77,82 @@ def run_torch(opt, groups, grads_seq, dtype=torch.float32, steps=None):
 
 def reference_groups(prob: Problem):
     return [{"params": ts, **{k: v for k, v in g.items() if k != "shapes"}} for g, ts in zip(prob.groups, prob.init)]
+
+
+# ---------------------------------------------------------------- AMP loops (fused kernels: tests/test_fused.py,
+# tests/test_triton.py and tests/test_lowmem.py run them on each kernel)
+def snapshot(opt, groups):
+    """Copies of the parameters, every state tensor and the groups' step counts."""
+    params = [p.detach().clone() for g in groups for p in g["params"]]
+    state = {id(p): {k: (v.clone() if torch.is_tensor(v) else v) for k, v in st.items()}
+             for p, st in opt.state.items()}
+    steps = [g["step"].clone() if torch.is_tensor(g.get("step")) else g.get("step") for g in opt.param_groups]
+    return params, state, steps
+
+
+def assert_bit_identical(a, b):
+    (pa, sa, ka), (pb, sb, kb) = a, b
+    assert all(torch.equal(x, y) for x, y in zip(pa, pb))
+    assert sa.keys() == sb.keys()
+    for key in sa:
+        assert sa[key].keys() == sb[key].keys()
+        for k in sa[key]:
+            assert torch.equal(sa[key][k], sb[key][k]), k
+    assert [float(x) for x in ka] == [float(x) for x in kb]
+
+
+def run_amp(opt, groups, grads_seq, skipped=(), grad_scale: Optional[float] = None, ref=None,
+            bad: float = float("nan"), dtype=torch.float32):
+    """Feed the fixed gradients as GradScaler does: multiplied by ``grad_scale`` (also handed to ``opt``
+    when given) and with ``opt.found_inf`` set on every step (device-step mode).  Steps whose index is
+    in ``skipped`` get gradients full of ``bad`` and ``found_inf = 1``; the others are also taken by
+    ``ref`` (a float64 reference, unscaled gradients) when given."""
+    for k, grads in enumerate(grads_seq):
+        skip = k in skipped
+        for group, gs in zip(groups, grads):
+            for p, g in zip(group["params"], gs):
+                p.grad = None if g is None else (torch.full_like(p, bad) if skip else
+                                                 (g * (grad_scale or 1.0)).to(device=p.device, dtype=dtype))
+        if grad_scale is not None:
+            opt.grad_scale = torch.tensor(float(grad_scale))
+        opt.found_inf = torch.tensor(1.0 if skip else 0.0)
+        opt.step()
+        if ref is not None and not skip:
+            ref.step(grads)
+
+
+def assert_skipped_steps_change_nothing(opt, groups, grads_seq, warmup: int, dtype=torch.float32):
+    """``warmup`` plain steps, one AMP step (into device-step mode), then the remaining steps skipped
+    (found_inf = 1, infinite gradients at a large scale): parameters, states and step counts must be
+    bit-identical to what they were before the skipped steps."""
+    run_torch(opt, groups, grads_seq[:warmup], dtype=dtype)
+    run_amp(opt, groups, grads_seq[warmup:warmup + 1], dtype=dtype)
+    before = snapshot(opt, groups)
+    rest = grads_seq[warmup + 1:]
+    assert rest, "no step left to skip"
+    run_amp(opt, groups, rest, skipped=range(len(rest)), grad_scale=65536.0, bad=float("inf"), dtype=dtype)
+    assert_bit_identical(before, snapshot(opt, groups))
+
+
+def run_grad_scaler(model, twin, opt, plain, x, y, iters: int, overflow_at: int, around_step=None):
+    """``iters`` GradScaler iterations of an MSE fit of ``model`` with ``opt``; on iteration
+    ``overflow_at`` one gradient is made infinite, so GradScaler must skip that step.  ``twin`` (a copy of
+    the model) takes the same iterations but the skipped one with ``plain``, without a scaler.
+    ``around_step``: a context manager factory wrapped around ``scaler.step`` (e.g. one refusing host
+    reads).  Returns the scaler."""
+    from contextlib import nullcontext
+    mse = torch.nn.functional.mse_loss
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10, growth_interval=1000)
+    for it in range(iters):
+        scaler.scale(mse(model(x), y)).backward()
+        if it == overflow_at:
+            next(model.parameters()).grad.view(-1)[0] = float("inf")
+        with (around_step or nullcontext)():
+            scaler.step(opt)
+        scaler.update()
+        opt.zero_grad()
+        if it != overflow_at:
+            mse(twin(x), y).backward()
+            plain.step()
+            plain.zero_grad()
+    return scaler

@@ -16,7 +16,8 @@ import torch
 from adan_plugin import Adan, FusedAdan, _ext
 from adan_plugin.fused import _fused_adan
 from adan_plugin.functional import STATE_KEYS, _single_tensor_adan
-from problems import make_problem, param_groups, reference_groups, run_torch
+from problems import (assert_skipped_steps_change_nothing, make_problem, param_groups, reference_groups,
+                      run_amp, run_grad_scaler, run_torch)
 from reference import RefAdan
 
 pytestmark = pytest.mark.skipif(not _ext.extension_loaded(), reason="adan_plugin._C is not built")
@@ -33,25 +34,6 @@ def _assert_tracks(groups, ref, rtol, atol):
     for ours, theirs in zip(groups, ref.params()):
         for p, r in zip(ours["params"], theirs):
             torch.testing.assert_close(p.detach().double(), r, rtol=rtol, atol=atol)
-
-
-def _snapshot(opt, groups):
-    params = [p.detach().clone() for g in groups for p in g["params"]]
-    state = {id(p): {k: (v.clone() if torch.is_tensor(v) else v) for k, v in st.items()}
-             for p, st in opt.state.items()}
-    steps = [g["step"].clone() if torch.is_tensor(g.get("step")) else g.get("step") for g in opt.param_groups]
-    return params, state, steps
-
-
-def _assert_bit_identical(a, b):
-    (pa, sa, ka), (pb, sb, kb) = a, b
-    assert all(torch.equal(x, y) for x, y in zip(pa, pb))
-    assert sa.keys() == sb.keys()
-    for key in sa:
-        assert sa[key].keys() == sb[key].keys()
-        for k in sa[key]:
-            assert torch.equal(sa[key][k], sb[key][k]), k
-    assert [float(x) for x in ka] == [float(x) for x in kb]
 
 
 # ---------------------------------------------------------------- equivalence
@@ -187,19 +169,7 @@ def test_grad_scale_unscales_in_registers(kernel):
 def test_found_inf_leaves_everything_untouched(kernel):
     prob, groups = _amp_problem()
     opt = Adan(groups, fused=True, max_grad_norm=prob.max_grad_norm)
-    for grads in prob.grads[:4]:
-        run_torch(opt, groups, [grads])
-    opt.found_inf = torch.tensor(0.0)
-    run_torch(opt, groups, prob.grads[4:5])  # into device-step mode
-    before = _snapshot(opt, groups)
-    for grads in prob.grads[5:8]:
-        for group, gs in zip(groups, grads):
-            for p, g in zip(group["params"], gs):
-                p.grad = None if g is None else torch.full_like(p, float("inf"))
-        opt.grad_scale = torch.tensor(65536.0)
-        opt.found_inf = torch.tensor(1.0)
-        opt.step()
-    _assert_bit_identical(before, _snapshot(opt, groups))
+    assert_skipped_steps_change_nothing(opt, groups, prob.grads[:8], warmup=4)
 
 
 def test_skipped_first_steps_and_late_parameters_match_reference(kernel):
@@ -217,15 +187,7 @@ def test_skipped_first_steps_and_late_parameters_match_reference(kernel):
     ref = RefAdan(reference_groups(prob), max_grad_norm=prob.max_grad_norm)
     groups = param_groups(prob)
     opt = Adan(groups, fused=True, max_grad_norm=prob.max_grad_norm)
-    for k, grads in enumerate(prob.grads):
-        bad = k in skipped
-        for group, gs in zip(groups, grads):
-            for p, g in zip(group["params"], gs):
-                p.grad = None if g is None else (torch.full_like(p, float("nan")) if bad else g.float())
-        opt.found_inf = torch.tensor(1.0 if bad else 0.0)
-        opt.step()
-        if not bad:
-            ref.step(grads)
+    run_amp(opt, groups, prob.grads, skipped=skipped, ref=ref)
     _assert_tracks(groups, ref, rtol=2e-5, atol=2e-6)
     assert [float(g["step"]) for g in opt.param_groups] == [len(prob.grads) - len(skipped)] * 2
     # Without AMP afterwards the group keeps counting on the device, so group 0's
@@ -247,19 +209,7 @@ def test_grad_scaler_step_uses_the_kernel_path(kernel):
     opt = Adan(model.parameters(), lr=1e-2, fused=True, max_grad_norm=0.5)
     opt_plain = Adan(twin.parameters(), lr=1e-2, fused=True, max_grad_norm=0.5)
     assert opt._step_supports_amp_scaling
-    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10, growth_interval=1000)
-    for it in range(6):
-        loss = torch.nn.functional.mse_loss(model(x), y)
-        scaler.scale(loss).backward()
-        if it == 3:  # an overflow: GradScaler must skip this step on the device
-            model[0].weight.grad[0, 0] = float("inf")
-        scaler.step(opt)
-        scaler.update()
-        opt.zero_grad()
-        if it != 3:
-            torch.nn.functional.mse_loss(twin(x), y).backward()
-            opt_plain.step()
-            opt_plain.zero_grad()
+    scaler = run_grad_scaler(model, twin, opt, opt_plain, x, y, iters=6, overflow_at=3)
     assert scaler.get_scale() == 2.0 ** 9  # the overflow was seen and backed off
     assert int(opt.param_groups[0]["step"]) == 5 == opt_plain.param_groups[0]["step"]
     for a, b in zip(model.parameters(), twin.parameters()):

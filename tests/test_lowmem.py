@@ -23,6 +23,7 @@ from adan_plugin import Adan, _ext, lowmem
 from adan_plugin.checkpoint import convert_state_dict
 from adan_plugin.functional import STATE_KEYS
 from reference import RefAdan
+from triton_interp import one_tile_per_chunk, triton_adan
 
 pytestmark = pytest.mark.skipif(not _ext.extension_loaded(), reason="adan_plugin._C is not built")
 
@@ -95,7 +96,7 @@ def _q8_states(numel):
 
 
 @pytest.mark.parametrize("numel", [5000, 65536 + 300])
-def test_kernel_quantizer_is_the_spec_bit_for_bit(numel, kernel):
+def test_kernel_quantizer_is_the_spec_bit_for_bit(numel, kernel_or_triton):
     # betas 0: m = g, d = g - g_prev = g (neg_pre_grad codes 0), n = g*g, neg_pre_grad = -g, all exact in
     # fp32, so the codes and scales the kernel writes are those of the spec applied to known values.
     g = _test_values(numel, seed=numel)
@@ -127,7 +128,7 @@ def _at_thresholds(cmax):
     return np.concatenate(blocks)
 
 
-def test_kernel_quantizer_at_the_level_thresholds(kernel):
+def test_kernel_quantizer_at_the_level_thresholds(kernel_or_triton):
     # The vector builds start from a 12/14-bit rsqrt estimate and settle the level with the thresholds
     # (adan_quant.h): exactly at a threshold and one ulp either side is where an estimate or a rounded
     # sqrt would go wrong.  betas 0 and a first step: exp_avg = g (signed map), sqrt(exp_avg_sq) =
@@ -154,7 +155,7 @@ def test_kernel_quantizer_at_the_level_thresholds(kernel):
             assert len(hits) == 2 * cmax and all(a == b for a, b in hits), key
 
 
-def test_kernel_dequantizer_is_the_spec_bit_for_bit(kernel):
+def test_kernel_dequantizer_is_the_spec_bit_for_bit(kernel_or_triton):
     # betas 0.5 and g = 0: every new state is exactly half the dequantized old one (diff = 0 with
     # neg_pre_grad codes 0), so the written codes are spec(0.5 * spec_dequant(old codes)).
     numel = 256 * 20 + 77
@@ -223,7 +224,7 @@ def _state_bound_ok(key, ours, ref):
 
 
 @pytest.mark.parametrize("betas", [(0.98, 0.92, 0.99), (0.9, 0.8, 0.95)])
-def test_every_step_matches_the_reference_from_the_dequantized_state(betas, kernel):
+def test_every_step_matches_the_reference_from_the_dequantized_state(betas, kernel_or_triton):
     # 12 steps; before each, the float64 reference is set to our (dequantized) states and parameters, so
     # each step is checked on its own: parameters to fp32 rounding, new states within the map's bound.
     lr, wd = 1e-2, 0.02
@@ -345,7 +346,7 @@ def test_8bit_from_mm_config_string():
     assert optimizer_options_from_config(Adan, {"state_dtype": "8bit"})["state_dtype"] == "8bit"
 
 
-def test_8bit_with_bf16_params_kahan_and_device_step(kernel):
+def test_8bit_with_bf16_params_kahan_and_device_step(kernel_or_triton):
     # bf16 parameters with 8-bit states and Kahan buffers, in device-step mode (capturable), against fp32
     # parameters fed the same (bf16) gradients: the states depend on the gradients only, so they are
     # bit-identical, and p + kahan_comp tracks the fp32 parameter to the compensation's own rounding.
@@ -477,14 +478,20 @@ def test_damaged_8bit_checkpoint_is_refused_before_anything_changes(damage, matc
 
 
 # ------------------------------------------------------------ Kahan summation
+TRITON = pytest.mark.skipif(triton_adan is None, reason="triton is not importable")
 PATHS = [pytest.param(dict(fused=False, foreach=False), id="single"),
          pytest.param(dict(fused=False, foreach=True), id="foreach"),
          pytest.param(dict(fused=True), id="fused-cpu-kernel"),
          pytest.param(dict(fused=True, cuda_code=True), id="fused-cuda-code"),
-         pytest.param(dict(fused=True, state_dtype="8bit"), id="fused-8bit")]
+         pytest.param(dict(fused=True, state_dtype="8bit"), id="fused-8bit"),
+         # Triton's interpreter takes ~15-30 ms a step (tests/triton_interp.py): 200 steps, 0.02 of movement,
+         # still five bf16 steps that the uncompensated parameter never makes.
+         pytest.param(dict(fused=True, triton=True, steps=200), id="fused-triton", marks=TRITON),
+         pytest.param(dict(fused=True, triton=True, state_dtype="8bit", steps=200), id="fused-triton-8bit",
+                      marks=TRITON)]
 
 
-def _constant_update_run(dtype, kahan, steps=1000, numel=None, cuda_code=False, **kw):
+def _constant_update_run(dtype, kahan, steps=1000, numel=None, cuda_code=False, triton=False, **kw):
     # Constant gradient 1 with beta1 = beta3 = 0: m = 1, d = 0, n = 1 exactly in any state dtype (bf16
     # states on the unfused paths would otherwise stall their EMAs a few ulps below 1 and shrink the
     # update by ~6%), so Adan's update is lr / (1 + eps) = 1e-4 per step on every path: under half a bf16
@@ -492,31 +499,36 @@ def _constant_update_run(dtype, kahan, steps=1000, numel=None, cuda_code=False, 
     if numel is None:  # 8-bit states need 4096 elements; the others are as well checked on a few
         numel = 4096 if kw.get("state_dtype") == "8bit" else 8
     p = torch.nn.Parameter(torch.ones(numel, dtype=dtype))
-    opt = Adan([p], lr=1e-4, betas=(0.0, 0.92, 0.0), eps=1e-8, kahan_sum=kahan, **kw)
-    saved = torch.ops.adan_plugin.fused_adan_
-    if cuda_code:
-        torch.ops.adan_plugin.fused_adan_ = torch.ops.adan_plugin._fused_adan_cuda_code_on_cpu_
-    try:
+    opt = Adan([p], lr=1e-4, betas=(0.0, 0.92, 0.0), eps=1e-8, kahan_sum=kahan,
+               **(dict(kw, fused_backend="triton") if triton else kw))
+    with pytest.MonkeyPatch.context() as mp:
+        if cuda_code:
+            mp.setattr(torch.ops.adan_plugin, "fused_adan_", torch.ops.adan_plugin._fused_adan_cuda_code_on_cpu_)
+        if triton:
+            one_tile_per_chunk(mp)
         for _ in range(steps):
             p.grad = torch.ones_like(p)
             opt.step()
-    finally:
-        torch.ops.adan_plugin.fused_adan_ = saved
     return p, opt
 
 
 @pytest.mark.parametrize("kw", PATHS)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_kahan_recovers_updates_below_half_an_ulp(kw, dtype):
-    fp32, _ = _constant_update_run(torch.float32, False, numel=8)
+    kw = dict(kw)
+    steps = kw.pop("steps", 1000)
+    fp32, _ = _constant_update_run(torch.float32, False, steps=steps, numel=8)
     fp32 = fp32.detach()
-    assert abs(float(fp32[0]) - 0.9) < 1e-4  # fp32 accumulates 1000 roundings (~2e-5)
-    steps_kw = dict(kw)
-    plain, _ = _constant_update_run(dtype, False, **steps_kw)
-    assert torch.equal(plain, torch.ones_like(plain))  # without compensation it does not move (off by 0.1)
-    comp, opt = _constant_update_run(dtype, True, **steps_kw)
+    assert abs(float(fp32[0]) - (1 - steps * 1e-4)) < 1e-4  # fp32 accumulates the roundings (~2e-5 in 1000)
+    # Without compensation it does not move.  Every step of this problem is the same step (same gradient,
+    # same states from the second step on), so a parameter that three steps leave at 1.0 stays there.
+    plain, _ = _constant_update_run(dtype, False, steps=3, **kw)
+    assert torch.equal(plain, torch.ones_like(plain))
+    comp, opt = _constant_update_run(dtype, True, steps=steps, **kw)
     assert float((comp.detach().float() - float(fp32[0])).abs().max()) <= 4e-3  # within one bf16 step of fp32
     assert opt.state[comp]["kahan_comp"].dtype == dtype
+    if kw.get("triton"):
+        assert opt.fused_backends == ("triton",)
 
 
 def test_kahan_has_no_effect_for_fp32_params():
