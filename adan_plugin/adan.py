@@ -120,10 +120,12 @@ class Adan(Optimizer):
         capturable: fused path only: keep the step count on the device so
             ``step()`` can be captured in a CUDA graph (see ``adan_plugin.fused``).
         fused_backend: force one fused backend: ``"cpu"``/``"cuda"`` (the
-            compiled kernels) or ``"triton"`` (``adan_plugin.triton_adan``; CPU
-            tensors only under ``TRITON_INTERPRET=1``, a test facility).
-            ``None``: the compiled kernels when built for the device, else the
-            Triton ones on a GPU.  ``opt.fused_backends`` says what each group runs.
+            compiled kernels) or ``"triton"`` (``adan_plugin.triton_adan``, 8-bit
+            states and ``kahan_sum`` included; CPU tensors only under
+            ``TRITON_INTERPRET=1``, a test facility; verified in Triton's
+            interpreter, not yet on a GPU).  ``None``: the compiled kernels when
+            built for the device, else the Triton ones on a GPU.
+            ``opt.fused_backends`` says what each group runs.
         skip_nonfinite: fused path only: when any gradient holds NaN or Inf,
             skip the whole step on the device (parameters, states and step
             count untouched), as GradScaler does for an overflow, and count it

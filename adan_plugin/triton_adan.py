@@ -4,13 +4,16 @@
 Same contract as ``torch.ops.adan_plugin.fused_adan_`` (csrc/README.md, "The op"), registered as the
 custom op ``torch.ops.adan_plugin.fused_adan_triton_``: six tensor lists, fp32 math for fp32/bf16/fp16
 parameters and states, ``grad_coef``/``grad_scale``/``found_inf``/``step_tensor``/``param_steps`` read on
-the device, first steps recognised on the device, no host sync, no temporaries.
+the device, first steps recognised on the device, no host sync, no temporaries; 8-bit block-wise states
+(``state_dtype="8bit"``: int8/uint8 codes and the four scale lists) and Kahan-compensated 16-bit
+parameters (``kahan_comps``), as the C++ op (csrc/README.md, "8-bit states and Kahan summation").
 
 Many tensors per launch.  One program (CUDA block) updates one chunk of ``CHUNK`` elements of one
 tensor; it finds its tensor through two small device tables:
 
 * a tensor table, one int64 row per tensor: the six data addresses, the address of its step count
-  (0 without one) and its element count;
+  (0 without one), its element count, the addresses of its four scale lists (8-bit states) and of its
+  Kahan buffer (0 without);
 * a chunk table, one (tensor row, chunk index) int32 pair per program.
 
 So a whole parameter group is one launch (``MAX_PROGRAMS`` per launch; more chunks take several).
@@ -29,9 +32,19 @@ C++ op's schema (declared mutations; ``torch.library.custom_op`` refuses keyword
 implementation, which ``torch.compile`` traces around as it does the C++ op; not
 ``torch.library.triton_op``, whose mutation analysis sees only kernel arguments.
 
-Tensors whose six addresses are all 16-byte aligned (every tensor the caching allocator hands out)
-run in a launch compiled with alignment hints (16-byte vector loads); the others in a launch
-without.  Full ``BLOCK``s run unmasked, only a chunk's tail is masked.
+Tensors whose six addresses (and Kahan buffer's) are all 16-byte aligned (every tensor the caching
+allocator hands out) run in a launch compiled with alignment hints (16-byte vector loads); the others in
+a launch without.  Full ``BLOCK``s run unmasked, only a chunk's tail is masked.
+
+8-bit states: a chunk holds whole 256-element quantization blocks, and a program handles ``BLOCK`` of its
+elements at a time as a [BLOCK / 256, 256] tile, one block per row: dequantize the four states, update,
+take each block's new largest magnitude with a row reduction, requantize, all in registers (no
+temporaries, one pass; the CPU kernel goes through a stack buffer per block, the CUDA kernel lets one
+thread own a block and computes the update twice).  The maps are csrc/adan_quant.h's, operation for
+operation: IEEE division and square root (``div_rn``, ``sqrt_rn``), no multiply feeding an add, so the GPU
+compiler's FMA contraction cannot change a code; a NaN in a block makes its scale NaN (``tl.max`` alone
+may drop NaNs on a GPU).  The update's own multiply-adds may contract on a GPU, as in the CPU kernel's
+AVX2/AVX-512 builds.
 
 fp32 -> bf16 rounding is written out as integer operations (round to nearest even, as torch and
 the GPU's conversion instruction round): Triton's interpreter truncates bf16 conversions, and the
@@ -560,7 +573,8 @@ def _fused_adan_triton(params: List[Tensor], grads: List[Tensor], exp_avgs: List
     if not params:
         return
     if q8 and (CHUNK % QBLOCK or BLOCK % QBLOCK):
-        raise RuntimeError(f"{_OP}: CHUNK ({CHUNK}) and BLOCK ({BLOCK}) must hold whole quantization blocks of {QBLOCK}")
+        raise RuntimeError(f"{_OP}: CHUNK ({CHUNK}) and BLOCK ({BLOCK}) must hold whole quantization blocks "
+                           f"of {QBLOCK}")
     w1, w2, w3 = _f32(1.0 - beta1), _f32(1.0 - beta2), _f32(1.0 - beta3)
     decay = weight_decay != 0.0
     lr_hi, lr_lo = _split(lr)

@@ -24,8 +24,8 @@ from adan_plugin import Adan, _ext, lowmem  # noqa: E402
 from adan_plugin.adan import _triton_lacks  # noqa: E402
 from adan_plugin.functional import STATE_KEYS  # noqa: E402
 from conftest import REPO_ROOT  # noqa: E402
-from problems import (assert_bit_identical, assert_skipped_steps_change_nothing, make_problem,  # noqa: E402
-                      param_groups, run_amp, run_grad_scaler, run_torch, snapshot)
+from problems import (assert_skipped_steps_change_nothing, make_problem, param_groups, run_amp,  # noqa: E402
+                      run_grad_scaler, run_torch)
 from reference import RefAdan  # noqa: E402
 from test_fused import OP_KW, _assert_tracks, _op_lists, _reference  # noqa: E402
 
