@@ -348,6 +348,29 @@ def test_torch_compile_traces_the_triton_step():
     _assert_tracks(groups, _reference(prob), rtol=2e-5, atol=2e-6)
 
 
+def test_torch_compile_traces_the_8bit_kahan_step(monkeypatch):
+    # The fake implementation covers the scale lists and Kahan buffers (declared mutations): a compiled
+    # step writes what the eager one writes, bit for bit.  (Under torch.compile each parameter's state
+    # also gets its own device step count, as on every fused backend.)
+    one_tile_per_chunk(monkeypatch)
+    params = [torch.nn.Parameter(torch.randn(n, dtype=torch.bfloat16)) for n in (5000, 30)]
+    twins = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    kw = dict(lr=1e-2, state_dtype="8bit", kahan_sum=True, max_grad_norm=1.0, **_triton())
+    opt, eager = Adan(params, **kw), Adan(twins, **kw)
+    compiled = torch.compile(opt.step, backend="aot_eager")
+    for _ in range(3):
+        for p, q in zip(params, twins):
+            p.grad = torch.randn(p.shape).bfloat16()
+            q.grad = p.grad.clone()
+        compiled()
+        eager.step()
+    assert lowmem.is_quantized(opt.state[params[0]])
+    for p, q in zip(params, twins):
+        assert torch.equal(p, q)
+        for key, value in eager.state[q].items():
+            assert torch.equal(opt.state[p][key], value), key
+
+
 def test_checkpoint_keeps_this_optimizers_backend():
     prob = make_problem(3, steps=4, none_prob=0.0, n_groups=1)
     groups = param_groups(prob)
@@ -576,6 +599,8 @@ def test_gpu_without_compiled_kernels_uses_triton_then_unfused(monkeypatch):
     p = torch.nn.Parameter(torch.empty(3, device="meta"))
     assert Adan([p]).fused_backends == ("triton",)
     assert Adan([p], caution=True).fused_backends == (None,)
+    big = torch.nn.Parameter(torch.empty(5000, device="meta", dtype=torch.bfloat16))
+    assert Adan([big], state_dtype="8bit", kahan_sum=True).fused_backends == ("triton",)  # issue 12
     monkeypatch.setattr(_ext, "_triton_status", {meta: (False, "Triton is not importable")})
     assert Adan([p]).fused_backends == (None,)
     # fused=True builds on meta (as torch's fused optimizers do); stepping there says why it cannot.
