@@ -39,12 +39,12 @@ a launch without.  Full ``BLOCK``s run unmasked, only a chunk's tail is masked.
 8-bit states: a chunk holds whole 256-element quantization blocks, and a program handles ``BLOCK`` of its
 elements at a time as a [BLOCK / 256, 256] tile, one block per row: dequantize the four states, update,
 take each block's new largest magnitude with a row reduction, requantize, all in registers (no
-temporaries, one pass; the CPU kernel goes through a stack buffer per block, the CUDA kernel lets one
-thread own a block and computes the update twice).  The maps are csrc/adan_quant.h's, operation for
-operation: IEEE division and square root (``div_rn``, ``sqrt_rn``), no multiply feeding an add, so the GPU
-compiler's FMA contraction cannot change a code; a NaN in a block makes its scale NaN (``tl.max`` alone
-may drop NaNs on a GPU).  The update's own multiply-adds may contract on a GPU, as in the CPU kernel's
-AVX2/AVX-512 builds.
+temporaries, one pass; the CPU kernel parks a block's new values in a stack buffer, the CUDA kernel lets
+one thread own a block and computes the update twice).  The maps are csrc/adan_quant.h's, operation for
+operation: IEEE division and square root (``div_rn``, ``sqrt_rn``), and the one multiply feeding an add
+(the level threshold (c - 1/2)^2 + c) is exact, so the GPU compiler's FMA contraction cannot change a
+code; a NaN in a block makes its scale NaN (``tl.max`` alone may drop NaNs on a GPU).  The update's own
+multiply-adds may contract on a GPU, as in the CPU kernel's AVX2/AVX-512 builds.
 
 fp32 -> bf16 rounding is written out as integer operations (round to nearest even, as torch and
 the GPU's conversion instruction round): Triton's interpreter truncates bf16 conversions, and the
@@ -217,8 +217,8 @@ def _adan_q8_tile(p_ptr, g_ptr, comp_ptr, m_ptr, n_ptr, d_ptr, neg_ptr, sm_ptr, 
                   rows, offs, mask, row_mask, first, grad_mul, beta2, beta3, w1, w1_rest, w2, w2_rest, w3,
                   step_size, step_size_diff, inv_bc3_sqrt, eps, decay_mul, inv_decay_div,
                   P_DTYPE: tl.constexpr, HAS_COMP: tl.constexpr, LOW1: tl.constexpr, LOW2: tl.constexpr):
-    # Dequantize -> update -> block maxima -> requantize, all in registers (csrc/adan_cpu_lowmem.h
-    # update_range_q8 does the same through a per-block stack buffer).
+    # Dequantize -> update -> block maxima -> requantize, all in registers (the CPU kernel,
+    # csrc/adan_cpu_lowmem.h, parks each block's new values in a stack buffer before requantizing).
     p = _load_param(p_ptr, comp_ptr, offs, mask, HAS_COMP)
     g = tl.load(g_ptr + offs, mask=mask).to(tl.float32)
     m = _dequant_signed(tl.load(m_ptr + offs, mask=mask), tl.load(sm_ptr + rows, mask=row_mask), 127)
@@ -378,6 +378,9 @@ def interpreted() -> bool:
 def supports(device: torch.device) -> Tuple[bool, str]:
     """Whether the Triton kernel can run on ``device``, and if not, why."""
     if interpreted():
+        if isinstance(tl.max, triton.runtime.JITFunction):
+            return False, ("triton.language was imported before TRITON_INTERPRET=1 was set, so its helpers "
+                           "(tl.max) are compiled-only and the interpreted kernel cannot call them")
         if device.type == "cpu":
             return True, ""
         return False, ("Triton's interpreter (TRITON_INTERPRET=1, a test facility) runs the Triton kernels "

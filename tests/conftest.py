@@ -1,8 +1,15 @@
 import os
 import sys
 
-import pytest
-import torch
+# Triton's interpreter runs the Triton kernels on CPU tensors (tests/triton_interp.py).  Triton decides
+# when triton.language is imported, and test modules import it indirectly at collection (timm, mmcv), so
+# it is set here, before any of them: triton.language imported without it has compiled-only helpers
+# (tl.max, ...) that refuse to run inside an interpreted kernel.  TRITON_INTERPRET=0 in the
+# environment keeps triton compiling for a GPU (the tests that need the interpreter then fail, saying so).
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(__file__))
 

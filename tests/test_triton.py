@@ -573,6 +573,21 @@ def test_triton_on_cpu_outside_the_interpreter_is_refused(monkeypatch):
         Adan([torch.nn.Parameter(torch.randn(3))], fused_backend="triton")
 
 
+def test_triton_imported_before_the_interpreter_was_set_is_refused_with_the_reason():
+    # timm and mmcv import triton; if that happens before TRITON_INTERPRET=1, the interpreted kernel could
+    # not call triton.language's own jit'd helpers (tl.max): the backend says so instead of failing mid-step.
+    code = ("import os, torch, triton.language\n"
+            "os.environ['TRITON_INTERPRET'] = '1'\n"
+            "from adan_plugin import triton_adan\n"
+            "print(triton_adan.supports(torch.device('cpu')))")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = REPO_ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    run = subprocess.run([sys.executable, "-c", code], env=env, cwd=REPO_ROOT, capture_output=True, text=True,
+                         timeout=120)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "(False, 'triton.language was imported before TRITON_INTERPRET=1 was set" in run.stdout
+
+
 @pytest.mark.parametrize("compiled_cuda,triton_ok,lacks,requested,expected", [
     (True, True, (), None, "cuda"),          # compiled kernels first
     (False, True, (), None, "triton"),       # then Triton
