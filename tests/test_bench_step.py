@@ -196,6 +196,44 @@ def test_ratio_target_directions_and_metrics():
     assert (lacking.verdict, lacking.detail) == ("not evaluated", "m/c: not run")
 
 
+def test_ratio_targets_judge_paired_steps_when_there_are_some():
+    # The rounds' medians say 1.30x, the steps timed back to back 1.10x: the paired ratio decides.
+    row, base = _row("resnet50", "ours-fused-bf16", 13.0), _row("resnet50", "adamw-fused", 10.0)
+    row.paired["adamw-fused"] = [1.05, 1.10, 1.12, 1.08, 1.40]
+    got = bs.ratio_target({(r.model, r.variant): r for r in (row, base)}, "t", "resnet50", "ours-fused-bf16",
+                          "adamw-fused", 1.15)
+    assert got.verdict == "met"
+    assert got.detail.startswith("step against step: median 1.10× of 5 paired steps")
+    assert got.detail.endswith("rounds' medians 13.00 / 10.00 ms = 1.30×")
+    row.paired["adamw-fused"] = [1.2, 1.3, 1.25]
+    assert bs.ratio_target({(r.model, r.variant): r for r in (row, base)}, "t", "resnet50", "ours-fused-bf16",
+                           "adamw-fused", 1.15).verdict == "not met"
+
+
+def test_paired_ratios_time_both_variants_back_to_back():
+    slow = bs.Variant("slow", "slow", lambda ps: _Sleeper(ps, 0.004))
+    fast = bs.Variant("fast", "fast", lambda ps: _Sleeper(ps, 0.002))
+    s = bs.Settings(device=torch.device("cpu"), warmup=1, repeats=6, min_repeats=6, max_seconds=60.0,
+                    memory=False, rounds=1)
+    bench = bs.Bench(bs.MODELS["tiny"].shapes(), s.device)
+    rows = [bs.Row("tiny", "slow", "slow", times=[0.004]), bs.Row("tiny", "fast", "fast", times=[0.002]),
+            bs.Row("tiny", "na", "na", reason="not built")]
+    bs.paired_ratios(bench, [slow, fast, bs.Variant("na", "na", None)], rows, s,
+                     pairs=(("slow", "fast"), ("na", "fast")), log=lambda *a: None)
+    assert len(rows[0].paired["fast"]) == 6
+    assert 1.5 < sorted(rows[0].paired["fast"])[3] < 2.5  # sleeps of 4 and 2 ms
+    assert rows[2].paired == {}
+
+
+class _Sleeper:
+    def __init__(self, params, seconds):
+        self.seconds = seconds
+
+    def step(self):
+        import time
+        time.sleep(self.seconds)
+
+
 def test_bytes_bound_is_reported_with_the_timm_target():
     fused, timm_fe = _row("resnet50", "ours-fused", 20.0), _row("resnet50", "timm-foreach", 100.0)
     fused.op_bytes, timm_fe.op_bytes = 44 * fused.params, 176 * timm_fe.params

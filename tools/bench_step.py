@@ -28,7 +28,8 @@ from bench.doc import HEADER, PLACEHOLDER, SECTION_BEGIN, SECTION_END, _extract,
 from bench.measure import BandwidthFloor, CpuPeakMemory, cuda_peak_memory, time_fn
 from bench.report import (REPO_ROOT, RunInfo, Target, device_name, evaluate_targets, ratio_target, results_table,
                           section, versions)
-from bench.run import Bench, Row, Settings, compile_warmup, fits_in_memory, measure_cpu_memory, run_model
+from bench.run import (Bench, Row, Settings, compile_warmup, fits_in_memory, measure_cpu_memory, paired_ratios,
+                       run_model)
 from bench.shapes import MODELS, ModelSpec, Shape, gpt2_shapes, numel, timm_shapes
 from bench.variants import ADAMW_HP, ADAN_HP, VARIANTS, Unavailable, Variant, state_bytes, step_bytes
 
@@ -40,7 +41,7 @@ __all__ = [
     "VARIANTS", "BandwidthFloor", "Bench", "CpuPeakMemory", "ModelSpec", "Row", "RunInfo", "Settings", "Shape",
     "Target", "Unavailable", "Variant", "_extract", "compile_warmup", "cuda_peak_memory", "device_name",
     "evaluate_targets", "fits_in_memory", "gpt2_shapes", "main", "measure_cpu_memory", "numel",
-    "parse_args", "ratio_target", "results_table", "run_model", "section", "state_bytes", "step_bytes", "time_fn",
+    "paired_ratios", "parse_args", "ratio_target", "results_table", "run_model", "section", "state_bytes", "step_bytes", "time_fn",
     "timm_shapes", "versions", "write_chart", "write_doc",
 ]
 

@@ -32,6 +32,9 @@ class Row:
     peak_reason: Optional[str] = None
     compile_s: Optional[float] = None
     largest_tensor_bytes: int = 0       # of one fp32 parameter tensor of the model
+    # baseline variant -> this variant's step time over the baseline's, one ratio per pair of steps
+    # timed back to back (paired_ratios)
+    paired: Dict[str, List[float]] = field(default_factory=dict)
 
     @property
     def ms(self) -> Optional[float]:
@@ -140,6 +143,53 @@ def compile_warmup(step: Callable[[], object], s: Settings, max_compiles: int = 
     raise Unavailable(f"torch.compile(opt.step) compiled a new graph on each of {max_compiles} steps")
 
 
+# Ratio targets measured step against step on the CPU: (variant, baseline) pairs.
+PAIRED = (("ours-fused", "adamw-fused"), ("ours-fused-bf16", "adamw-fused"), ("ours-fused-8bit", "adamw-fused"))
+
+
+def paired_ratios(bench: "Bench", variants: Sequence[Variant], rows: Sequence[Row], s: Settings,
+                  pairs=PAIRED, log=print) -> None:
+    """For each (variant, baseline) pair that both ran, alternate one step of each (the order swapped
+    every pair) and keep each pair's time ratio in ``row.paired[baseline]``.  On a shared machine the
+    rounds' medians of two variants come from different seconds, and load that comes and goes (other
+    processes, other guests of the host) moves their ratio by tens of percent between runs; two steps
+    back to back see the same load."""
+    by_name = {v.name: (v, r) for v, r in zip(variants, rows)}
+    for a, b in pairs:
+        if a not in by_name or b not in by_name:
+            continue
+        (va, ra), (vb, rb) = by_name[a], by_name[b]
+        if ra.reason is not None or rb.reason is not None or not ra.times or not rb.times:
+            continue
+        step_a = step_b = None
+        try:
+            step_a, step_b = bench.build(va)[2], bench.build(vb)[2]
+            for _ in range(max(2, s.warmup)):
+                step_a()
+                step_b()
+            ratios: List[float] = []
+            started = time.perf_counter()
+            for i in range(s.repeats):
+                first, second = (step_a, step_b) if i % 2 == 0 else (step_b, step_a)
+                t0 = time.perf_counter()
+                first()
+                t1 = time.perf_counter()
+                second()
+                t2 = time.perf_counter()
+                ta, tb = (t1 - t0, t2 - t1) if i % 2 == 0 else (t2 - t1, t1 - t0)
+                ratios.append(ta / tb)
+                if i + 1 >= s.min_repeats and time.perf_counter() - started > s.max_seconds:
+                    break
+            ra.paired[b] = ratios
+            log(f"  {ra.model:>22} {a:<22} / {b}: {statistics.median(ratios):.2f}x step against step "
+                f"({len(ratios)} pairs)")
+        except Exception as err:  # noqa: BLE001  -- the rounds' rows stand without it
+            log(f"  {ra.model:>22} {a:<22} / {b}: paired timing n/a: {_short(err)}")
+        finally:
+            step_a = step_b = None  # noqa: F841
+            gc.collect()
+
+
 def run_model(model: str, shapes: Sequence[Shape], variants: Sequence[Variant], s: Settings,
               log=print, kept: Optional[dict] = None) -> List[Row]:
     """Time every variant on ``shapes``.  CUDA: peak memory measured right after; CPU: later, by
@@ -204,6 +254,8 @@ def run_model(model: str, shapes: Sequence[Shape], variants: Sequence[Variant], 
                 gc.collect()
                 if s.device.type == "cuda":
                     torch.cuda.empty_cache()
+    if s.device.type == "cpu":
+        paired_ratios(bench, variants, rows, s, log=log)
     if s.memory and s.device.type == "cpu":
         # Measured with the others after all timings; kept so that it is not compiled twice.
         kept.update(compiled_live)
