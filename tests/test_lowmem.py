@@ -41,9 +41,9 @@ def np_quantize(x, sq):
     mag = np.sqrt(blocks) if sq else np.abs(blocks)
     absmax = mag.max(axis=1).astype(np.float32)
     cmax = UNSIGNED if sq else SIGNED
-    with np.errstate(divide="ignore"):
+    with np.errstate(divide="ignore", invalid="ignore"):  # 0 * inf = NaN is part of the spec
         s = np.where(absmax >= np.float32(1e-30), np.float32(cmax * cmax) / absmax, np.float32(0)).astype(np.float32)
-    v = (mag * s[:, None]).astype(np.float32)
+        v = (mag * s[:, None]).astype(np.float32)
     v = np.where(v < cmax * cmax, v, np.float32(cmax * cmax))  # NaN -> cmax
     # c: how many of the thresholds (j - 1/2)^2, j = 1..cmax, v reaches (round(sqrt(v)), ties up, exactly).
     thresholds = (np.arange(1, cmax + 1, dtype=np.float64) - 0.5) ** 2
@@ -111,6 +111,27 @@ def test_kernel_quantizer_is_the_spec_bit_for_bit(numel, kernel_or_triton):
         np.testing.assert_array_equal(st.numpy(), codes, err_msg=key)
         np.testing.assert_array_equal(sc.numpy(), absmax, err_msg=key)
     assert (states[1][g != 0] > 0).all()  # a positive exp_avg_sq never gets code 0
+
+
+def test_nonfinite_values_keep_their_blocks_scale_visible(kernel):
+    # A NaN makes its block's scale NaN (so the state reads back NaN, never a silently finite value); an
+    # Inf makes it Inf; the other blocks are untouched.  Same inputs as the spec test above (m = d = g,
+    # n = g*g, neg_pre_grad = -g), where lerp(0, g, 1) = g - g*0 and u = diff*0 + g turn an infinite g
+    # into NaN in m, d and n; neg_pre_grad = -g keeps it infinite.
+    g = _test_values(256 * 4, seed=3)
+    g[10], g[256 + 20], g[512 + 30] = float("nan"), float("inf"), -float("inf")
+    states, scales = _q8_states(g.numel())
+    _op(torch.zeros(g.numel()), g, states, scales, betas=(0.0, 0.0, 0.0))
+    gn = g.numpy()
+    lerped = np.where(np.isinf(gn), np.float32(np.nan), gn).astype(np.float32)
+    expected = {"exp_avg": lerped, "exp_avg_sq": (lerped * lerped).astype(np.float32), "exp_avg_diff": lerped,
+                "neg_pre_grad": -gn}
+    for key, st, sc in zip(STATE_KEYS, states, scales):
+        codes, absmax = np_quantize(expected[key], sq=key == "exp_avg_sq")
+        np.testing.assert_array_equal(sc.numpy(), absmax, err_msg=key)
+        np.testing.assert_array_equal(st.numpy(), codes, err_msg=key)
+        assert np.isfinite(sc.numpy()[3]), key  # the block without a non-finite value
+    assert np.isnan(scales[0].numpy()[:3]).all() and np.isinf(scales[3].numpy()[1:3]).all()
 
 
 def _at_thresholds(cmax):
