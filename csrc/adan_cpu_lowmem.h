@@ -51,27 +51,6 @@ C10_ALWAYS_INLINE void load_codes(const Q* q, int64_t cnt, fVec& a, fVec& b) {
     b = codes_to_float<Q>(_mm_maskz_loadu_epi8(static_cast<__mmask16>((1u << cb) - 1), q + kW));
   }
 }
-// c: integer-valued floats in [-255, 255]; the low byte of each is the code.
-template <typename Q>
-C10_ALWAYS_INLINE void store_codes(Q* q, int64_t cnt, const fVec& a, const fVec& b) {
-  const __m128i qa = _mm512_cvtepi32_epi8(_mm512_cvttps_epi32(a));
-  const __m128i qb = _mm512_cvtepi32_epi8(_mm512_cvttps_epi32(b));
-  if (cnt >= 2 * kW) {
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(q), qa);
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(q + kW), qb);
-  } else {
-    const int64_t ca = std::min<int64_t>(cnt, kW), cb = std::max<int64_t>(cnt - kW, 0);
-    _mm_mask_storeu_epi8(q, static_cast<__mmask16>((1u << ca) - 1), qa);
-    _mm_mask_storeu_epi8(q + kW, static_cast<__mmask16>((1u << cb) - 1), qb);
-  }
-}
-// min(v, top), and top where v is NaN (vminps returns its second operand then).
-C10_ALWAYS_INLINE fVec min_or_top(const fVec& v, const fVec& top) { return _mm512_min_ps(v, top); }
-// sqrt(v) to within a relative 2^-14, v >= 0 (0 for v = 0): the quantizer only needs the nearest
-// integer to within one, then settles it exactly.
-C10_ALWAYS_INLINE fVec sqrt_estimate(const fVec& v) {
-  return _mm512_mul_ps(v, _mm512_rsqrt14_ps(_mm512_max_ps(v, _mm512_set1_ps(1e-30f))));
-}
 #elif defined(CPU_CAPABILITY_AVX2)
 template <typename Q>
 C10_ALWAYS_INLINE fVec codes_to_float(__m128i b) {
@@ -89,6 +68,9 @@ C10_ALWAYS_INLINE void load_codes(const Q* q, int64_t cnt, fVec& a, fVec& b) {
   a = codes_to_float<Q>(v);
   b = codes_to_float<Q>(_mm_srli_si128(v, 8));
 }
+// store_codes: c holds integer-valued floats in [-255, 255], written as codes.  min_or_top(v, top):
+// min(v, top), and top where v is NaN.  sqrt_estimate(v): sqrt(v) to within one level (v >= 0, 0 for 0);
+// the AVX-512 build has its own quantizer on mask registers (level_codes16 below).
 template <typename Q>
 C10_ALWAYS_INLINE void store_codes(Q* q, int64_t cnt, const fVec& a, const fVec& b) {
   // Saturating packs are exact here (codes fit their type); packus for uint8 codes up to 255.
@@ -180,23 +162,10 @@ struct BlockMax {
 #endif
 };
 
-// quant::quant_level on a vector, without a square root on the divider: v = min(m * s, cmax^2) (NaN:
-// cmax^2), c0 = floor(sqrt_estimate(v) + 0.5) is the exact level or one off, and the level's
-// thresholds (c - 1/2)^2 and (c + 1/2)^2 (exact in fp32) settle it.  Returns the level as a float.
-C10_ALWAYS_INLINE fVec quant_levels(const fVec& magnitude, const fVec& s, const fVec& cmax_sq) {
-  const fVec half(0.5f), one(1.0f), zero(0.0f);
-  const fVec v = min_or_top(magnitude * s, cmax_sq);
-  fVec c = (sqrt_estimate(v) + half).floor();
-  const fVec lo = (c - half) * (c - half);
-  const fVec hi = lo + c + c;
-  c = c - ((v < lo) & one) + ((v >= hi) & one);
-  return at::vec::maximum(c, zero);  // c0 = 0 with v < 1/4 stays 0
-}
-
 // A block's codes from its new values x[0, len) (in the stack buffer) and the factor s = cmax^2 / A.
 #if defined(CPU_CAPABILITY_AVX512)
-// The same steps as quant_levels on mask registers (ATen's Vectorized comparisons and blends
-// expand masks into vectors and back); 16 values per iteration, the last ones masked.
+// The steps of quant_levels (below, for the other builds) on mask registers (ATen's Vectorized
+// comparisons and blends expand masks into vectors and back); 16 values per iteration, the last masked.
 template <bool kSq>
 C10_ALWAYS_INLINE __m512i level_codes16(__m512 x, __m512 s) {
   constexpr int cmax = kSq ? quant::kUnsignedMax : quant::kSignedMax;
@@ -223,8 +192,10 @@ template <bool kSq, typename Q>
 C10_ALWAYS_INLINE void quantize_run(const float* x, int64_t len, float s, Q* q) {
   const __m512 vs = _mm512_set1_ps(s);
   int64_t j = 0;
-  for (; j + kW <= len; j += kW)
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(q + j), _mm512_cvtepi32_epi8(level_codes16<kSq>(_mm512_loadu_ps(x + j), vs)));
+  for (; j + kW <= len; j += kW) {
+    const __m128i codes = _mm512_cvtepi32_epi8(level_codes16<kSq>(_mm512_loadu_ps(x + j), vs));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(q + j), codes);
+  }
   if (j < len) {
     const __mmask16 m = static_cast<__mmask16>((1u << (len - j)) - 1);
     _mm_mask_storeu_epi8(q + j, m, _mm512_cvtepi32_epi8(level_codes16<kSq>(_mm512_maskz_loadu_ps(m, x + j), vs)));
@@ -233,6 +204,19 @@ C10_ALWAYS_INLINE void quantize_run(const float* x, int64_t len, float s, Q* q) 
 inline void quantize_signed_run(const float* x, int64_t len, float s, int8_t* q) { quantize_run<false>(x, len, s, q); }
 inline void quantize_sq_run(const float* n, int64_t len, float s, uint8_t* q) { quantize_run<true>(n, len, s, q); }
 #else
+// quant::quant_level on a vector, without a square root on the divider: v = min(m * s, cmax^2) (NaN:
+// cmax^2), c0 = floor(sqrt_estimate(v) + 0.5) is the exact level or one off, and the level's
+// thresholds (c - 1/2)^2 and (c + 1/2)^2 (exact in fp32) settle it.  Returns the level as a float.
+C10_ALWAYS_INLINE fVec quant_levels(const fVec& magnitude, const fVec& s, const fVec& cmax_sq) {
+  const fVec half(0.5f), one(1.0f), zero(0.0f);
+  const fVec v = min_or_top(magnitude * s, cmax_sq);
+  fVec c = (sqrt_estimate(v) + half).floor();
+  const fVec lo = (c - half) * (c - half);
+  const fVec hi = lo + c + c;
+  c = c - ((v < lo) & one) + ((v >= hi) & one);
+  return at::vec::maximum(c, zero);  // c0 = 0 with v < 1/4 stays 0
+}
+
 inline void quantize_signed_run(const float* x, int64_t len, float s, int8_t* q) {
   const fVec vs(s), top(static_cast<float>(quant::kSignedMax * quant::kSignedMax)), zero(0.0f), sign_bit(-0.0f);
   for (int64_t j = 0; j < len; j += 2 * kW) {
