@@ -95,31 +95,10 @@ def _q8_states(numel):
     return states, scales
 
 
-@pytest.mark.parametrize("numel", [5000, 65536 + 300])
-def test_kernel_quantizer_is_the_spec_bit_for_bit(numel, kernel_or_triton):
-    # betas 0: m = g, d = g - g_prev = g (neg_pre_grad codes 0), n = g*g, neg_pre_grad = -g, all exact in
-    # fp32, so the codes and scales the kernel writes are those of the spec applied to known values.
-    g = _test_values(numel, seed=numel)
-    p = torch.zeros(numel)
-    states, scales = _q8_states(numel)
-    _op(p, g, states, scales, betas=(0.0, 0.0, 0.0))
-    gn = g.numpy()
-    expected = {"exp_avg": gn, "exp_avg_sq": (gn * gn).astype(np.float32), "exp_avg_diff": gn,
-                "neg_pre_grad": -gn}
-    for key, st, sc in zip(STATE_KEYS, states, scales):
-        codes, absmax = np_quantize(expected[key], sq=key == "exp_avg_sq")
-        np.testing.assert_array_equal(st.numpy(), codes, err_msg=key)
-        np.testing.assert_array_equal(sc.numpy(), absmax, err_msg=key)
-    assert (states[1][g != 0] > 0).all()  # a positive exp_avg_sq never gets code 0
-
-
-def test_nonfinite_values_keep_their_blocks_scale_visible(kernel):
-    # A NaN makes its block's scale NaN (so the state reads back NaN, never a silently finite value); an
-    # Inf makes it Inf; the other blocks are untouched.  Same inputs as the spec test above (m = d = g,
-    # n = g*g, neg_pre_grad = -g), where lerp(0, g, 1) = g - g*0 and u = diff*0 + g turn an infinite g
-    # into NaN in m, d and n; neg_pre_grad = -g keeps it infinite.
-    g = _test_values(256 * 4, seed=3)
-    g[10], g[256 + 20], g[512 + 30] = float("nan"), float("inf"), -float("inf")
+def _step_from_zero_states_is_the_spec(g):
+    """One step with betas 0 from zero states: m = d = g, n = g*g, neg_pre_grad = -g (exact in fp32; an
+    infinite g becomes NaN in m, d and n through lerp(0, g, 1) = g - g*0 and u = diff*0 + g).  Checks the
+    codes and scales the kernel writes against the spec applied to those values; returns them."""
     states, scales = _q8_states(g.numel())
     _op(torch.zeros(g.numel()), g, states, scales, betas=(0.0, 0.0, 0.0))
     gn = g.numpy()
@@ -128,8 +107,27 @@ def test_nonfinite_values_keep_their_blocks_scale_visible(kernel):
                 "neg_pre_grad": -gn}
     for key, st, sc in zip(STATE_KEYS, states, scales):
         codes, absmax = np_quantize(expected[key], sq=key == "exp_avg_sq")
-        np.testing.assert_array_equal(sc.numpy(), absmax, err_msg=key)
         np.testing.assert_array_equal(st.numpy(), codes, err_msg=key)
+        np.testing.assert_array_equal(sc.numpy(), absmax, err_msg=key)
+    return states, scales
+
+
+@pytest.mark.parametrize("numel", [5000, 65536 + 300])
+def test_kernel_quantizer_is_the_spec_bit_for_bit(numel, kernel_or_triton):
+    # betas 0: m = g, d = g - g_prev = g (neg_pre_grad codes 0), n = g*g, neg_pre_grad = -g, all exact in
+    # fp32, so the codes and scales the kernel writes are those of the spec applied to known values.
+    g = _test_values(numel, seed=numel)
+    states, _ = _step_from_zero_states_is_the_spec(g)
+    assert (states[1][g != 0] > 0).all()  # a positive exp_avg_sq never gets code 0
+
+
+def test_nonfinite_values_keep_their_blocks_scale_visible(kernel):
+    # A NaN makes its block's scale NaN (so the state reads back NaN, never a silently finite value); an
+    # Inf makes it Inf; the other blocks are untouched; codes and scales are the spec's.
+    g = _test_values(256 * 4, seed=3)
+    g[10], g[256 + 20], g[512 + 30] = float("nan"), float("inf"), -float("inf")
+    _, scales = _step_from_zero_states_is_the_spec(g)
+    for key, sc in zip(STATE_KEYS, scales):
         assert np.isfinite(sc.numpy()[3]), key  # the block without a non-finite value
     assert np.isnan(scales[0].numpy()[:3]).all() and np.isinf(scales[3].numpy()[1:3]).all()
 
