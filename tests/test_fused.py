@@ -386,16 +386,21 @@ def _op_lists(sizes, param_dtype, state_dtype, make):
     return lists
 
 
+def offset_views(unaligned):
+    """A ``make`` for ``_op_lists``: tensor i is a view one element into its buffer (not vector-aligned)
+    where ``unaligned(i)``, else a fresh tensor."""
+    def make(i, n, dtype):
+        return torch.empty(n + 1, dtype=dtype)[1:] if unaligned(i) else torch.empty(n, dtype=dtype)
+    return make
+
+
 def test_cuda_kernel_code_across_launches_matches_the_cpu_kernel():
     # A tensor spilling out of a full launch (320 chunks of 65536), more tensors than a launch has
     # slots, aligned (vector loop) and 4-byte-offset (scalar loop) tensors in one call, bf16 states.
     ops = torch.ops.adan_plugin
     chunk, blocks = 65536, 320
     sizes = [chunk * blocks + 5, 3, chunk + 1] + [7, 4099, 1] * 12
-
-    def make(i, n, dtype):
-        return torch.empty(n + 1, dtype=dtype)[1:] if i % 4 == 2 else torch.empty(n, dtype=dtype)
-
+    make = offset_views(lambda i: i % 4 == 2)
     for state_dtype in (torch.float32, torch.bfloat16):
         lists = _op_lists(sizes, torch.float32, state_dtype, make)
         kw = dict(OP_KW, step=3.0, grad_coef=torch.tensor(0.5))

@@ -27,7 +27,7 @@ from conftest import REPO_ROOT  # noqa: E402
 from problems import (assert_skipped_steps_change_nothing, make_problem, param_groups, run_amp,  # noqa: E402
                       run_grad_scaler, run_torch)
 from reference import RefAdan  # noqa: E402
-from test_fused import OP_KW, _assert_tracks, _op_lists, _reference  # noqa: E402
+from test_fused import OP_KW, _assert_tracks, _op_lists, _reference, offset_views  # noqa: E402
 
 BUILT = pytest.mark.skipif(not _ext.extension_loaded(), reason="adan_plugin._C is not built")
 DTYPE_PAIRS = [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16), (torch.float16, torch.float16),
@@ -68,10 +68,7 @@ def test_op_matches_the_cuda_code_bit_for_bit_and_the_cpu_kernel(param_dtype, st
     # contract to FMA, nor does the interpreter: the same operations in the same order give the same
     # bits.  The CPU kernel's AVX2 loop contracts, so against it the tolerances of test_fused.py apply.
     sizes = [1, 3, B - 1, B, B + 1, C - 1, C + 1]
-
-    def make(i, n, dtype):
-        return torch.empty(n + 1, dtype=dtype)[1:] if i % 3 == 2 else torch.empty(n, dtype=dtype)
-
+    make = offset_views(lambda i: i % 3 == 2)
     ops = torch.ops.adan_plugin
     lists = _op_lists(sizes, param_dtype, state_dtype, make)
     comps = [make(i, n, param_dtype).copy_(torch.randn(n) * 1e-3) for i, n in enumerate(sizes)] if kahan else []
@@ -142,10 +139,7 @@ def test_8bit_op_matches_the_cuda_code_bit_for_bit_and_the_cpu_kernel(param_dtyp
     # fp32 operations).  Against the CPU kernel: codes within one level (FMA, see _assert_codes_close),
     # scales to fp32 rounding.
     sizes = [1, 255, 256, 257, B - 1, B + 1, C + 300]
-
-    def make(i, n, dtype):
-        return torch.empty(n + 1, dtype=dtype)[1:] if i % 3 == 2 else torch.empty(n, dtype=dtype)
-
+    make = offset_views(lambda i: i % 3 == 2)
     lists, scales, comps = _q8_lists(sizes, param_dtype, make, kahan)
     lists[1][5][7] = float("nan")
     kw = dict(step=3.0, first=False, grad_coef=torch.tensor(0.5), grad_scale=torch.tensor(4.0))
@@ -172,6 +166,11 @@ def test_8bit_op_matches_the_cuda_code_bit_for_bit_and_the_cpu_kernel(param_dtyp
         torch.testing.assert_close(x, y, equal_nan=True, **tol)
 
 
+def _device_step_counts(sizes):
+    """Per-tensor device step counts for the launch tests: 4, but 1 (a first step) for tensor 3."""
+    return [torch.tensor(1.0 if i == 3 else 4.0) for i in range(len(sizes))]
+
+
 @BUILT
 def test_8bit_and_kahan_across_several_launches(monkeypatch):
     # Launches of 7 programs of 2048-element chunks (8 quantization blocks each): tensors and their scale
@@ -180,12 +179,9 @@ def test_8bit_and_kahan_across_several_launches(monkeypatch):
     monkeypatch.setattr(triton_adan, "MAX_PROGRAMS", 7)
     monkeypatch.setattr(triton_adan, "CHUNK", 2 * B)
     sizes = [5 * B + 3, 1, 0, 2 * B, 300, 3 * B - 1] * 2
-
-    def make(i, n, dtype):
-        return torch.empty(n + 1, dtype=dtype)[1:] if i == 4 else torch.empty(n, dtype=dtype)
-
+    make = offset_views(lambda i: i == 4)
     lists, scales, comps = _q8_lists(sizes, torch.bfloat16, make, kahan=True)
-    steps = [torch.tensor(1.0 if i == 3 else 4.0) for i in range(len(sizes))]
+    steps = _device_step_counts(sizes)
     kw = dict(step=0.0, first=False, step_tensor=torch.tensor(4.0), param_steps=steps)
     triton_adan._plans.clear()
     ours = _run_q8(torch.ops.adan_plugin.fused_adan_triton_, lists, scales, comps, **kw)
@@ -204,12 +200,9 @@ def test_many_tensors_across_several_launches(monkeypatch):
     monkeypatch.setattr(triton_adan, "MAX_PROGRAMS", 7)
     monkeypatch.setattr(triton_adan, "CHUNK", 2 * B)
     sizes = [5 * B + 3, 1, 0, 2 * B, 9, 3 * B - 1] * 3
-
-    def make(i, n, dtype):
-        return torch.empty(n + 1, dtype=dtype)[1:] if i == 4 else torch.empty(n, dtype=dtype)
-
+    make = offset_views(lambda i: i == 4)
     lists = _op_lists(sizes, torch.float32, torch.float32, make)
-    steps = [torch.tensor(1.0 if i == 3 else 4.0) for i in range(len(sizes))]
+    steps = _device_step_counts(sizes)
     kw = dict(OP_KW, step=0.0, step_tensor=torch.tensor(4.0), param_steps=steps)
     theirs = [[t.clone() for t in ts] for ts in lists]
     triton_adan._plans.clear()
