@@ -16,16 +16,7 @@ from torch.distributed.checkpoint.filesystem import _StorageInfo
 
 from adan_plugin.checkpoint import CheckpointError, load_checkpoint, missing_optimizer_state, save_checkpoint
 from adan_plugin.distributed_checkpoint import load_distributed_checkpoint, read_metadata_file
-
-
-class Payload:
-    """What a hostile checkpoint holds: unpickling it runs a shell command."""
-
-    def __init__(self, marker):
-        self.marker = str(marker)
-
-    def __reduce__(self):
-        return (os.system, (f"touch {self.marker}",))
+from hostile import CodeRunningPickle
 
 
 @pytest.fixture
@@ -38,17 +29,17 @@ def marker(tmp_path):
 def test_the_payload_does_run_when_unpickled(tmp_path):
     # the planted files below are real exploits: plain unpickling runs them
     path = tmp_path / "ran"
-    pickle.loads(pickle.dumps(Payload(path)))
+    pickle.loads(pickle.dumps(CodeRunningPickle(path)))
     assert path.exists()
 
 
 def _writers(marker):
-    evil = {"state_dict": {"w": torch.zeros(2)}, "epoch": 0, "args": Payload(marker)}
+    evil = {"state_dict": {"w": torch.zeros(2)}, "epoch": 0, "args": CodeRunningPickle(marker)}
     return {
         "zip": lambda p: torch.save(evil, p),
         "legacy": lambda p: torch.save(evil, p, _use_new_zipfile_serialization=False),
         "raw-pickle": lambda p: p.write_bytes(pickle.dumps(evil)),
-        "bare-payload": lambda p: torch.save(Payload(marker), p),
+        "bare-payload": lambda p: torch.save(CodeRunningPickle(marker), p),
     }
 
 
@@ -152,14 +143,14 @@ def test_dcp_round_trip(dcp_dir):
 
 
 def test_dcp_metadata_with_code_is_refused(dcp_dir, marker):
-    (dcp_dir / ".metadata").write_bytes(pickle.dumps(Payload(marker)))
+    (dcp_dir / ".metadata").write_bytes(pickle.dumps(CodeRunningPickle(marker)))
     with pytest.raises(CheckpointError, match=r"\.metadata.*refused.*posix\.system|\.metadata.*refused.*os"):
         load_distributed_checkpoint(_template(), dcp_dir)
 
 
 def test_dcp_metadata_with_code_inside_a_metadata_record_is_refused(dcp_dir, marker):
     metadata = _read_metadata(dcp_dir)
-    metadata.planner_data = {"x": Payload(marker)}
+    metadata.planner_data = {"x": CodeRunningPickle(marker)}
     (dcp_dir / ".metadata").write_bytes(pickle.dumps(metadata))
     with pytest.raises(CheckpointError, match=r"\.metadata"):
         read_metadata_file(dcp_dir / ".metadata")
@@ -169,7 +160,7 @@ def test_dcp_metadata_with_code_inside_a_metadata_record_is_refused(dcp_dir, mar
 def test_dcp_data_item_with_code_is_refused_naming_the_data_file(dcp_dir, marker, fqn):
     import io
     blob = io.BytesIO()
-    torch.save(Payload(marker), blob)
+    torch.save(CodeRunningPickle(marker), blob)
     data_file = _plant_in_data_file(dcp_dir, fqn, blob.getvalue())
     with pytest.raises(CheckpointError) as info:
         load_distributed_checkpoint(_template(), dcp_dir)
@@ -181,7 +172,7 @@ def test_dcp_plain_loader_would_run_the_planted_item(dcp_dir, tmp_path):
     import io
     ran = tmp_path / "ran"
     blob = io.BytesIO()
-    torch.save(Payload(ran), blob)
+    torch.save(CodeRunningPickle(ran), blob)
     _plant_in_data_file(dcp_dir, "lr", blob.getvalue())
     dcp.load(_template(), checkpoint_id=str(dcp_dir))
     assert ran.exists()

@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from conftest import REPO_ROOT
+from hostile import CodeRunningPickle
 
 pytestmark = pytest.mark.slow
 
@@ -112,14 +113,6 @@ def test_exit_process_keeps_buffered_output_atexit_handlers_and_the_exit_code(wo
     assert sorted(proc.stdout.split("|")[1:]) == ["atexit", "from C", "trained"]
 
 
-class _Marker:
-    def __init__(self, path):
-        self.path = str(path)
-
-    def __reduce__(self):
-        return (os.system, (f"touch {self.path}",))
-
-
 def _run_failing(args, tmp_path, nproc):
     cmd = [sys.executable]
     if nproc > 1:
@@ -145,7 +138,7 @@ def test_train_distributed_resume_runs_no_code_from_a_checkpoint(tmp_path):
     meta_path = ckpt / ".metadata"
     good_meta = meta_path.read_bytes()
     # 1. .metadata itself
-    meta_path.write_bytes(pickle.dumps(_Marker(marker)))
+    meta_path.write_bytes(pickle.dumps(CodeRunningPickle(marker)))
     code, out = _run_failing([script, "--strategy", "fsdp2", "--epochs", "2", "--resume", str(ckpt)], tmp_path, 2)
     assert code != 0 and str(meta_path) in out and "could run code" in out, out[-3000:]
     assert not marker.exists()
@@ -154,7 +147,7 @@ def test_train_distributed_resume_runs_no_code_from_a_checkpoint(tmp_path):
     index = next(i for i in metadata.storage_data if i.fqn.endswith(".lr"))
     info = metadata.storage_data[index]
     blob = io.BytesIO()
-    torch.save(_Marker(marker), blob)
+    torch.save(CodeRunningPickle(marker), blob)
     data_file = ckpt / info.relative_path
     offset = data_file.stat().st_size
     with open(data_file, "ab") as f:
@@ -167,7 +160,7 @@ def test_train_distributed_resume_runs_no_code_from_a_checkpoint(tmp_path):
     # 3. the single-file checkpoint of none/ddp/zero
     single = tmp_path / "single"
     single.mkdir()
-    torch.save({"model": {}, "optim": {}, "epoch": _Marker(marker)}, single / "checkpoint.pt")
+    torch.save({"model": {}, "optim": {}, "epoch": CodeRunningPickle(marker)}, single / "checkpoint.pt")
     code, out = _run_failing([script, "--strategy", "none", "--epochs", "2", "--resume", str(single)], tmp_path, 1)
     assert code == 2 and str(single / "checkpoint.pt") in out and "Traceback" not in out, out[-3000:]
     assert not marker.exists()

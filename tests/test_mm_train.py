@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import REPO_ROOT
+from hostile import CodeRunningPickle
 from mmengine.config import Config
 from mmengine.logging import HistoryBuffer
 from mmengine.runner import Runner
@@ -200,23 +201,13 @@ def test_stock_mmpretrain_train_py_gets_our_adan_through_custom_imports_and_resu
     assert not [name for name in os.listdir(tmp_path) if name.endswith(".tmp")]
 
 
-class Marker:
-    """Unpickling this runs a shell command that creates a file."""
-
-    def __init__(self, path):
-        self.path = str(path)
-
-    def __reduce__(self):
-        return (os.system, (f"touch {self.path}",))
-
-
 @pytest.mark.parametrize("script", ["train_mm", "stock"])
 def test_resume_from_a_checkpoint_with_code_runs_nothing_and_names_it(one_epoch, digits_root, tmp_path, script):
     _, first_dir = one_epoch
     with mmengine_safe_globals():
         checkpoint = torch.load(first_dir / "epoch_1.pth")
     marker = tmp_path / "code_ran"
-    checkpoint["meta"]["extra"] = Marker(marker)
+    checkpoint["meta"]["extra"] = CodeRunningPickle(marker)
     evil = tmp_path / "evil.pth"
     torch.save(checkpoint, evil)
     cmd = [sys.executable, TRAIN_MM if script == "train_mm" else STOCK_TRAIN, CONFIG, "--work-dir",
@@ -235,7 +226,7 @@ def test_local_checkpoints_load_as_data_and_name_the_file(tmp_path):
     from adan_plugin.checkpoint import CheckpointError
     marker = tmp_path / "code_ran"
     evil = tmp_path / "evil.pth"
-    torch.save({"state_dict": {}, "meta": {"x": Marker(marker)}}, evil)
+    torch.save({"state_dict": {}, "meta": {"x": CodeRunningPickle(marker)}}, evil)
     with pytest.raises(CheckpointError, match="evil.pth.*could run code"):
         _load_checkpoint(str(evil))
     assert not marker.exists()

@@ -17,6 +17,7 @@ import torch
 import yaml
 
 from conftest import REPO_ROOT, ZOO_DIR
+from hostile import CodeRunningPickle
 
 PY = sys.executable
 TRAIN = os.path.join(REPO_ROOT, "tools", "train_timm.py")
@@ -350,20 +351,12 @@ def test_resume_with_another_model_is_a_clear_error(tmp_path, runs):
 
 
 # ---------------------------------------------------------------- checkpoints: safety and clear errors
-class Payload:
-    def __init__(self, marker):
-        self.marker = str(marker)
-
-    def __reduce__(self):
-        return (os.system, (f"touch {self.marker}",))
-
-
 @pytest.mark.parametrize("option", ["--resume", "--initial-checkpoint"])
 @pytest.mark.parametrize("legacy", [False, True], ids=["zip", "legacy"])
 def test_no_checkpoint_option_runs_code_from_the_file(tmp_path, runs, option, legacy):
     marker = tmp_path / "code_ran"
     ckpt = torch.load(runs["root"] / "run" / "last.pth.tar", weights_only=True)
-    ckpt["best"] = Payload(marker)
+    ckpt["best"] = CodeRunningPickle(marker)
     evil = tmp_path / "evil.pth.tar"
     torch.save(ckpt, evil, _use_new_zipfile_serialization=not legacy)
     msg = _error([*FAST, "--epochs", "3", "--output", str(tmp_path / "o"), option, str(evil)])
