@@ -11,8 +11,8 @@ from torch.optim.optimizer import Optimizer
 
 from . import _ext
 from .clip import clip_coefficient, grad_sq_norm
-from .distributed import (PLAIN_TENSOR_TYPES, any_sharded, check_grad_layout, check_groups_picklable,
-                          check_process_group_spec, local_tensors, resolve_process_group)
+from .distributed import (any_sharded, check_grad_layout, check_groups_picklable, check_process_group_spec,
+                          local_tensors, resolve_process_group)
 from . import lowmem
 from .functional import MOMENT_KEYS, STATE_KEYS, _multi_tensor_adan, _single_tensor_adan  # noqa: F401 (STATE_KEYS re-exported)
 from .fused import FUSED_DTYPES, fused_group_step
@@ -300,7 +300,7 @@ class Adan(Optimizer):
                 return f"a parameter has dtype {p.dtype}"
             if not _is_dense(p):
                 return f"a parameter is a non-dense view (strides {p.stride()})"
-            if eight_bit and type(p) not in PLAIN_TENSOR_TYPES and any_sharded([p]):
+            if eight_bit and any_sharded([p]):
                 return ("state_dtype='8bit' does not support sharded (DTensor) parameters: its blocks would "
                         "straddle shards")
             device = p.device
