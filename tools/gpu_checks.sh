@@ -3,18 +3,32 @@
 #   1. the CUDA test suite (tests marked `cuda`: equivalence with the float64
 #      reference, dtypes, > 2^31-element tensor, CUDA-graph capture/replay,
 #      no host sync under GradScaler + clipping, no parameter-sized temporaries);
+#      8-bit states and Kahan buffers on the CUDA kernel (tests/test_cuda_lowmem.py);
+#      the Triton kernels compiled for the GPU (tests/test_triton_cuda.py, TRITON_INTERPRET=0);
+#      FSDP2 + clipping without host sync (tests/test_distributed.py, one GPU);
 #   2. compute-sanitizer memcheck on a short run of the kernels (several dtypes,
-#      unaligned views, many tensors across launches, AMP skip).
+#      unaligned views, many tensors across launches, AMP skip, 8-bit states,
+#      Kahan buffers, the Triton kernels).
+# Every section runs even when an earlier one failed; the summary at the end
+# names each section's result and the exit status is non-zero if any failed
+# (a sanitizer that refuses the device is reported as such, not as a pass).
 # Usage (repository root): tools/gpu_checks.sh [logfile]   (default gpu_checks.log)
 # PY picks the interpreter (default .venv/bin/python); on a bare GPU machine with
 # torch, pytest, ninja and nvcc preinstalled: PY=python3 tools/gpu_checks.sh LOG.
 # Rebuilds the extension first when it lacks CUDA kernels, for the visible GPU's
 # architecture.  Record the log (device, date, versions are at its top).
-set -euo pipefail
+set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
 LOG=${1:-gpu_checks.log}
 exec > >(tee "$LOG") 2>&1
+export TRITON_INTERPRET=0   # compile the Triton kernels for the GPU (tests/conftest.py defaults to the interpreter)
+declare -A RESULT
+FAILED=0
+record() {  # record NAME STATUS
+    RESULT[$1]=$2
+    [ "$2" = passed ] || FAILED=1
+}
 
 echo "== $(date -u '+%Y-%m-%d %H:%M:%S UTC') on $(hostname)"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
@@ -23,11 +37,16 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
 if ! "$PY" -c "import sys, torch; from adan_plugin import _ext; sys.exit(0 if _ext.fused_supported(torch.device('cuda')) else 1)"; then
     echo "== building adan_plugin._C with CUDA kernels for this GPU"
     cap=$("$PY" -c "import torch; print('%d.%d' % torch.cuda.get_device_capability())")
-    TORCH_CUDA_ARCH_LIST="$cap" FORCE_CUDA=1 "$PY" -m pip install --no-build-isolation --no-deps -e .
+    TORCH_CUDA_ARCH_LIST="$cap" FORCE_CUDA=1 "$PY" setup.py build_ext --inplace -q || exit 1
 fi
 
 echo "== CUDA test suite"
-"$PY" -m pytest -q -m cuda -rs tests/test_cuda_fused.py
+if "$PY" -m pytest -q -m cuda -rs -p no:cacheprovider tests/test_cuda_fused.py tests/test_cuda_lowmem.py \
+        tests/test_triton_cuda.py tests/test_distributed.py; then
+    record tests passed
+else
+    record tests failed
+fi
 
 echo "== compute-sanitizer memcheck, short run"
 SANITIZER=$(command -v compute-sanitizer || true)
@@ -37,9 +56,10 @@ for dir in "${CUDA_HOME:-}" /usr/local/cuda; do
     fi
 done
 if [ -z "$SANITIZER" ]; then
-    echo "compute-sanitizer not found (install the CUDA toolkit's sanitizer)"; exit 1
-fi
-"$SANITIZER" --tool memcheck --error-exitcode 1 --leak-check no "$PY" - <<'EOF'
+    echo "compute-sanitizer not found (install the CUDA toolkit's sanitizer)"
+    record memcheck "not run (compute-sanitizer not found)"
+else
+"$SANITIZER" --tool memcheck --error-exitcode 1 --leak-check no "$PY" - <<'EOF' 2>&1 | tee /tmp/adan_memcheck.log
 import torch
 from adan_plugin import Adan
 from adan_plugin.fused import _fused_adan
@@ -67,7 +87,40 @@ for it in range(3):
     opt.grad_scale = torch.full((), 8.0, device="cuda")
     opt.found_inf = torch.full((), float(it == 1), device="cuda")
     opt.step()
+# 8-bit states with Kahan buffers (bf16 parameters), then the same on the Triton kernels: a tensor of a
+# partial last quantization block, one under 4096 elements (fp32 states), one spanning chunks.
+for backend in ("cuda", "triton"):
+    ps = [torch.nn.Parameter(torch.randn(n, device="cuda", dtype=torch.bfloat16)) for n in (4100, 77, 65536 * 2 + 999)]
+    opt = Adan(ps, fused=True, fused_backend=backend, state_dtype="8bit", kahan_sum=True, max_grad_norm=1.0)
+    for it in range(2):
+        for p in ps:
+            p.grad = torch.randn_like(p)
+        opt.step()
+    fp = [torch.nn.Parameter(torch.randn(n + 1, device="cuda")[1:]) for n in (3, 4099, 65537)]  # unaligned views
+    opt = Adan(fp, fused=True, fused_backend=backend, state_dtype=torch.bfloat16)
+    for p in fp:
+        p.grad = torch.randn_like(p)
+    opt.step()
 torch.cuda.synchronize()
 print("memcheck run finished")
 EOF
-echo "== all GPU checks passed"
+status=${PIPESTATUS[0]}
+if grep -q "Device not supported\|error 999" /tmp/adan_memcheck.log && ! grep -q "memcheck run finished" /tmp/adan_memcheck.log; then
+    record memcheck "not run (compute-sanitizer refused the device)"
+elif [ "$status" -eq 0 ] && grep -q "ERROR SUMMARY: 0 errors" /tmp/adan_memcheck.log; then
+    record memcheck passed
+else
+    record memcheck "failed (exit $status)"
+fi
+fi
+
+echo "== summary"
+for name in tests memcheck; do
+    echo "$name: ${RESULT[$name]:-not run}"
+done
+if [ "$FAILED" -eq 0 ]; then
+    echo "== all GPU checks passed"
+else
+    echo "== some GPU checks did not pass"
+fi
+exit "$FAILED"

@@ -1,0 +1,55 @@
+"""The 8-bit maps re-implemented in NumPy from their written spec (adan_plugin/lowmem.py's docstring,
+csrc/adan_quant.h): every kernel (CPU, CUDA block code on CPU tensors, CUDA and Triton on a GPU, Triton's
+interpreter) must write these very codes and scales.  Also the test values that span the maps' range."""
+import numpy as np
+import torch
+
+SIGNED, UNSIGNED = 127, 255
+ERR = {k: 1.0 / c + 1.0 / (4 * c * c) for k, c in (("signed", SIGNED), ("unsigned", UNSIGNED))}
+
+
+def np_quantize(x, sq):
+    """(codes, scales) of float32 array x (memory order) by the written spec."""
+    x = np.asarray(x, np.float32)
+    n = x.size
+    pad = np.zeros((-n) % 256, np.float32)
+    blocks = np.concatenate([x, pad]).reshape(-1, 256)
+    mag = np.sqrt(blocks) if sq else np.abs(blocks)
+    absmax = mag.max(axis=1).astype(np.float32)
+    cmax = UNSIGNED if sq else SIGNED
+    with np.errstate(divide="ignore", invalid="ignore"):  # 0 * inf = NaN is part of the spec
+        s = np.where(absmax >= np.float32(1e-30), np.float32(cmax * cmax) / absmax, np.float32(0)).astype(np.float32)
+        v = (mag * s[:, None]).astype(np.float32)
+    v = np.where(v < cmax * cmax, v, np.float32(cmax * cmax))  # NaN -> cmax
+    # c: how many of the thresholds (j - 1/2)^2, j = 1..cmax, v reaches (round(sqrt(v)), ties up, exactly).
+    thresholds = (np.arange(1, cmax + 1, dtype=np.float64) - 0.5) ** 2
+    c = np.searchsorted(thresholds, v.astype(np.float64), side="right").astype(np.int32)
+    if sq:
+        c = np.where((c == 0) & (blocks > 0), 1, c)
+        codes = c.astype(np.uint8)
+    else:
+        codes = np.where(blocks < 0, -c, c).astype(np.int8)
+    return codes.reshape(-1)[:n], absmax
+
+
+def np_dequantize(codes, scales, sq):
+    c = np.asarray(codes).astype(np.int32)
+    n = c.size
+    c = np.concatenate([c, np.zeros((-n) % 256, np.int32)]).reshape(-1, 256)
+    cmax = UNSIGNED if sq else SIGNED
+    k = (np.asarray(scales, np.float32) / np.float32(cmax * cmax)).astype(np.float32)
+    v = (c * np.abs(c)).astype(np.float32) * k[:, None]
+    if sq:
+        v = (v * v).astype(np.float32)
+    return v.reshape(-1)[:n]
+
+
+def spread_values(numel, seed):
+    # Magnitudes spread over 12 decades between blocks and within them, exact zeros, an all-zero block,
+    # a block of one repeated value and a short last block.
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(numel, generator=gen) * torch.pow(10.0, torch.empty(numel).uniform_(-6, 6, generator=gen))
+    x[::7] = 0.0
+    x[256:512] = 0.0
+    x[512:768] = -3.25
+    return x

@@ -1,0 +1,83 @@
+#!/usr/bin/env bash
+# Everything issue 13 measures on a GPU machine, in stages, each with its own time limit and log, so
+# that one short lease covers it and a stage that fails or hangs does not cost the others:
+#
+#   build   adan_plugin._C with its CUDA kernels for the visible GPU, and (when OFFICIAL_ADAN names a
+#           copy of sail-sg/Adan kept outside this repository) the official fused_adan extension in place
+#           there, in parallel;
+#   checks  tools/gpu_checks.sh: the CUDA/Triton test files and compute-sanitizer memcheck;
+#   train   the digits demo (tools/train_timm.py, the README's recipe) on the CPU, then on CUDA with the
+#           fused kernels under AMP bf16 and AMP fp16 + GradScaler; top-1 of each, same machine, same run;
+#   bench   tools/bench_step.py --device cuda (docs/benchmarks.md's CUDA section and chart).
+#
+# Usage (repository root): tools/gpu_session.sh LOGDIR [STAGE ...]      (default: all four, in order)
+# PY picks the interpreter (default python3); OFFICIAL_ADAN the official copy (default .ext/sail-adan);
+# BENCH_ARGS extra arguments for the bench.  LOGDIR gets build.log, gpu_checks.log, train.log,
+# bench.log, and bench.tar (docs/benchmarks.md and its chart after the run).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+LOGDIR=${1:?usage: tools/gpu_session.sh LOGDIR [build|checks|train|bench ...]}
+shift
+STAGES=${*:-build checks train bench}
+PY=${PY:-python3}
+OFFICIAL_ADAN=${OFFICIAL_ADAN:-.ext/sail-adan}
+export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+mkdir -p "$LOGDIR"
+jobs=$(nproc)
+
+stage_build() {
+    local cap
+    cap=$("$PY" -c "import torch; print('%d.%d' % torch.cuda.get_device_capability())")
+    {
+        echo "== $(date -u '+%F %T UTC'): build for sm_${cap/./}, $jobs jobs"
+        nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
+        "$PY" -c "import sys, torch, triton; print('python', sys.version.split()[0], 'torch', torch.__version__, 'triton', triton.__version__)"
+        nvcc --version | tail -2
+        if [ -f "$OFFICIAL_ADAN/setup.py" ]; then
+            (cd "$OFFICIAL_ADAN" && TORCH_CUDA_ARCH_LIST=$cap FORCE_CUDA=1 MAX_JOBS=4 timeout 400 "$PY" setup.py \
+                build_ext --inplace > official_build.log 2>&1; echo "official fused_adan build: exit $?" >> official_build.log) &
+        fi
+        start=$(date +%s)
+        TORCH_CUDA_ARCH_LIST=$cap FORCE_CUDA=1 MAX_JOBS=$jobs timeout 420 "$PY" setup.py build_ext --inplace -q 2>&1 \
+            | grep -v "^W\|warning" | tail -30
+        echo "adan_plugin build: exit ${PIPESTATUS[0]} in $(( $(date +%s) - start )) s"
+        wait
+        [ -f "$OFFICIAL_ADAN/official_build.log" ] && tail -5 "$OFFICIAL_ADAN/official_build.log"
+        "$PY" -c "import torch; from adan_plugin import _ext; print('CUDA kernels:', _ext.fused_supported(torch.device('cuda')))"
+    } > "$LOGDIR/build.log" 2>&1
+}
+
+stage_checks() {
+    PY=$PY timeout 330 tools/gpu_checks.sh "$LOGDIR/gpu_checks.log" > /dev/null 2>&1
+    echo "gpu_checks: exit $?" >> "$LOGDIR/gpu_checks.log"
+}
+
+stage_train() {
+    {
+        echo "== $(date -u '+%F %T UTC')"
+        for run in ${TRAIN_RUNS:-"cpu:" "cuda:--amp --amp-dtype bfloat16" "cuda:--amp --amp-dtype float16"}; do
+            device=${run%%:*}
+            extra=${run#*:}
+            echo "== digits demo on $device ${extra:-(fp32)}"
+            # shellcheck disable=SC2086
+            timeout 150 "$PY" tools/train_timm.py --config configs/timm/demo/digits_test_resnet.yaml \
+                --device "$device" $extra --output "/tmp/adan_train_${device}_${extra// /_}" --log-interval 1000 --plot false
+            echo "exit $?"
+        done
+    } > "$LOGDIR/train.log" 2>&1
+}
+
+stage_bench() {
+    # shellcheck disable=SC2086
+    timeout 330 "$PY" tools/bench_step.py --device cuda --official-adan "$OFFICIAL_ADAN" ${BENCH_ARGS:-} \
+        > "$LOGDIR/bench.log" 2>&1
+    echo "bench: exit $?" >> "$LOGDIR/bench.log"
+    tar -cf "$LOGDIR/bench.tar" docs/benchmarks.md docs/*.png 2>/dev/null
+}
+
+for stage in $STAGES; do
+    echo "== stage $stage ($(date -u '+%T'))"
+    "stage_$stage"
+    tail -4 "$LOGDIR/${stage/checks/gpu_checks}.log" 2>/dev/null
+done
+echo "== done ($(date -u '+%T'))"
