@@ -22,13 +22,25 @@ from torch import Tensor
 from .distributed import collective_device, is_dtensor, shard_groups
 
 
+# ATen's CPU norm with an output dtype (fp32 for 16-bit gradients) first converts the whole tensor: a
+# gradient-sized fp32 copy.  The norms of chunk views bound that copy to one chunk (1 MiB); the CUDA
+# kernel converts in registers and needs no chunks.
+_CPU_NORM_CHUNK = 1 << 18
+
+
+def _norm_pieces(g: Tensor) -> List[Tensor]:
+    if g.device.type != "cpu" or g.element_size() >= 4 or g.numel() <= _CPU_NORM_CHUNK or not g.is_contiguous():
+        return [g]
+    return list(g.view(-1).split(_CPU_NORM_CHUNK))
+
+
 def _local_sq_norm(tensors: List[Tensor], device: torch.device) -> Tensor:
     """Sum of squares of plain tensors, per device in fp32, moved to ``device``."""
     by_device: Dict[Tuple[torch.device, bool], List[Tensor]] = defaultdict(list)
     for g in tensors:
         if torch.is_complex(g):
             g = torch.view_as_real(g)
-        by_device[(g.device, g.dtype == torch.float64)].append(g)
+        by_device[(g.device, g.dtype == torch.float64)].extend(_norm_pieces(g))
     total = torch.zeros((), dtype=torch.float32, device=device)
     for (_, fp64), dev_tensors in by_device.items():
         # fp32 accumulation, so that fp16/bf16 gradients do not overflow;
