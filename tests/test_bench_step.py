@@ -339,3 +339,140 @@ def test_8bit_state_bytes_count_the_scales():
     small = 4 * 4 * 5
     assert bs.state_bytes(opt) == big + small
     assert bs.step_bytes(opt) == 3 * 4 * 5005 + 2 * (big + small)
+
+
+# ------------------------------------------------------------------ official FusedAdan, issue 13
+FAKE_OFFICIAL = textwrap.dedent("""
+    import torch
+
+    class Adan(torch.optim.SGD):
+        # Stands in for sail-sg/Adan's class: same constructor keywords, four named states.
+        def __init__(self, params, lr, betas, eps, weight_decay, max_grad_norm=0.0, no_prox=False,
+                     foreach=True, fused=False):
+            self.made_with = dict(foreach=foreach, fused=fused, betas=betas)
+            super().__init__(params, lr=lr)
+
+        @torch.no_grad()
+        def step(self):
+            for group in self.param_groups:
+                for p in group["params"]:
+                    st = self.state[p]
+                    for name in ("exp_avg", "exp_avg_sq", "exp_avg_diff", "neg_pre_grad"):
+                        st.setdefault(name, torch.zeros_like(p))
+                    p.add_(p.grad, alpha=-group["lr"])
+""")
+
+
+@pytest.fixture
+def official_path(tmp_path):
+    (tmp_path / "adan.py").write_text(FAKE_OFFICIAL)
+    bs.OfficialAdan.set_path(str(tmp_path))
+    yield str(tmp_path)
+    bs.OfficialAdan.set_path(None)
+
+
+def test_official_variants_are_na_without_a_path_or_when_the_import_fails(tmp_path):
+    bs.OfficialAdan.set_path(None)
+    for name in ("official-fused", "official-fused-single"):
+        with pytest.raises(bs.Unavailable, match="no --official-adan path given"):
+            bs.VARIANTS[name].make(_params())
+    (tmp_path / "adan.py").write_text("import fused_adan_not_built_here\n")
+    bs.OfficialAdan.set_path(str(tmp_path))
+    try:
+        s = bs.Settings(device=torch.device("cpu"), warmup=1, repeats=2, min_repeats=1, max_seconds=60.0,
+                        memory=False)
+        rows = bs.run_model("tiny", bs.MODELS["tiny"].shapes(), [bs.VARIANTS["official-fused"]], s,
+                            log=lambda *a: None)
+        assert "ModuleNotFoundError" in rows[0].reason and "fused_adan_not_built_here" in rows[0].reason
+        # Its source folder without the built extension imports as an empty namespace package.
+        (tmp_path / "adan.py").write_text(FAKE_OFFICIAL)
+        (tmp_path / "fused_adan").mkdir()
+        (tmp_path / "fused_adan" / "fused_adan_kernel.cu").write_text("")
+        bs.OfficialAdan.set_path(str(tmp_path))
+        with pytest.raises(bs.Unavailable, match="fused_adan extension not built in"):
+            bs.VARIANTS["official-fused"].make(_params())
+        bs.OfficialAdan.set_path(str(tmp_path / "missing"))
+        with pytest.raises(bs.Unavailable, match="no adan.py"):
+            bs.VARIANTS["official-fused"].make(_params())
+    finally:
+        bs.OfficialAdan.set_path(None)
+
+
+def test_official_variants_load_adan_py_from_the_path_and_run(official_path, tmp_path):
+    opt = bs.VARIANTS["official-fused"].make(_params())
+    assert opt.made_with == dict(foreach=True, fused=True, betas=bs.ADAN_HP["betas"])
+    assert bs.VARIANTS["official-fused-single"].make(_params()).made_with["foreach"] is False
+    opt.step()
+    assert bs.step_bytes(opt) == 44 * N  # p, g and its four fp32 states
+    doc = tmp_path / "benchmarks.md"
+    rows = bs.main(["--device", "cpu", "--models", "tiny", "--variants", "official-fused,official-fused-single",
+                    "--repeats", "2", "--min-repeats", "1", "--warmup", "1", "--copy-mib", "4", "--rounds", "1",
+                    "--no-memory", "--no-write", "--official-adan", official_path])
+    assert [r.reason for r in rows] == [None, None] and all(len(r.times) >= 1 for r in rows)
+    assert all(r.op_bytes is None and r.bytes == 44 * r.params for r in rows)  # extension call: not counted
+    table = bs.results_table(rows, _info("cpu", 10.0))
+    assert "| official FusedAdan (sail-sg, multi-tensor) | " in table
+    assert "| official FusedAdan (sail-sg, single-tensor) | " in table
+    assert not doc.exists()
+
+
+def test_readme_form_table_has_peak_mb_and_200_step_times():
+    n = 25 * 10**6
+    rows = [bs.Row("resnet50", "adamw-fused", "a", times=[0.004], params=n, state_bytes=8 * n, peak_extra=10**6),
+            bs.Row("resnet50", "ours-foreach", "b", times=[0.010], params=n, state_bytes=16 * n, peak_extra=4 * n),
+            bs.Row("resnet50", "ours-fused", "c", times=[0.005], params=n, state_bytes=16 * n, peak_extra=0),
+            bs.Row("resnet50", "official-fused", "d", reason="no --official-adan path given", params=n)]
+    assert bs.peak_mb(rows[0]) == 8 * 25 + 8 * 25 + 1
+    lines = bs.readme_table(rows).splitlines()
+    assert lines[0].startswith("| Model | Model size (M params) | AdamW fused peak (MB) | ours unfused peak (MB) |")
+    cells = [c.strip() for c in lines[2].split("|")[1:-1]]
+    assert cells == ["resnet50", "25.0", "401", "700", "600", "n/a", "800.0", "2000.0", "1000.0", "n/a"]
+    # The section carries it with its definition.
+    text = bs.section(rows, _info("cuda", 1000.0), chart=None)
+    assert "**peak MB** here = fp32 parameters + fp32 gradients" in text and lines[2] in text
+
+
+OFFICIAL_1536 = "GPU, gpt2-1536 shapes: ours fused ≤ 0.75× official FusedAdan ms/step"
+OFFICIAL_2048 = "GPU, gpt2-2048 shapes: ours fused ≤ 0.75× official FusedAdan ms/step"
+
+
+def test_gpu_targets_against_the_official_fused_adan():
+    rows = [_row("gpt2-1536", "ours-fused", 30.0), _row("gpt2-1536", "official-fused", 50.0),
+            _row("gpt2-2048", "ours-fused", 45.0), _row("gpt2-2048", "official-fused", 50.0)]
+    got = _by_text(bs.evaluate_targets(rows, _info("cuda", 1000.0)))
+    assert (got[OFFICIAL_1536].verdict, got[OFFICIAL_2048].verdict) == ("met", "not met")
+    assert "0.60×" in got[OFFICIAL_1536].detail and "0.90×" in got[OFFICIAL_2048].detail
+    rows[3] = bs.Row("gpt2-2048", "official-fused", "x", reason="no --official-adan path given")
+    got = _by_text(bs.evaluate_targets(rows, _info("cuda", 1000.0)))
+    assert got[OFFICIAL_2048].verdict == "not evaluated"
+    assert "gpt2-2048/official-fused: n/a (no --official-adan path given)" in got[OFFICIAL_2048].detail
+    assert OFFICIAL_1536 not in _by_text(bs.evaluate_targets(rows, _info("cpu", 10.0)))
+
+
+def test_gpu_peak_beyond_states_target_is_one_percent_of_the_parameters():
+    n = 10**6  # 4 MB of fp32 parameters: the limit is 40 000 bytes
+    rows = [bs.Row("resnet50", "ours-fused", "f", times=[0.01], params=n, bytes=44 * n, peak_extra=40_000),
+            bs.Row("resnet50", "ours-fused-bf16", "b", times=[0.01], params=n, bytes=28 * n, peak_extra=40_001),
+            bs.Row("vit_small_patch16_224", "ours-fused", "f", times=[0.01], params=n, bytes=44 * n),
+            bs.Row("vit_small_patch16_224", "ours-fused-bf16", "b", reason="extension not built")]
+    got = {t.text: t.verdict for t in bs.evaluate_targets(rows, _info("cuda", 1000.0)) if "≤ 1% of" in t.text}
+    assert got == {
+        "GPU, resnet50, ours-fused: peak memory beyond states ≤ 1% of the parameters' size": "met",
+        "GPU, resnet50, ours-fused-bf16: peak memory beyond states ≤ 1% of the parameters' size": "not met",
+        "GPU, vit_small_patch16_224, ours-fused: peak memory beyond states ≤ 1% of the parameters' size":
+            "not evaluated",
+        "GPU, vit_small_patch16_224, ours-fused-bf16: peak memory beyond states ≤ 1% of the parameters' size":
+            "not evaluated",
+    }
+    assert not [t for t in bs.evaluate_targets(rows, _info("cpu", 10.0)) if "≤ 1% of" in t.text]
+
+
+def test_default_models_per_device():
+    args = bs.parse_args([])
+    assert args.official_adan is None and args.compile_models is None
+    cpu = [m for m, spec in bs.MODELS.items() if m != "tiny" and spec.cpu_default]
+    assert cpu == ["resnet50", "vit_base_patch16_224", "convnext_tiny"]
+    gpu = [m for m in bs.MODELS if m != "tiny"]
+    assert sorted(gpu) == sorted(cpu + ["resnet101", "vit_small_patch16_224", "gpt2-1536", "gpt2-2048"])
+    assert 21e6 < bs.numel(bs.MODELS["vit_small_patch16_224"].shapes()) < 23e6
+    assert 44e6 < bs.numel(bs.MODELS["resnet101"].shapes()) < 45e6

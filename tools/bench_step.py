@@ -2,7 +2,8 @@
 """Time ``optimizer.step()`` on the parameter shapes of real models.
 
     python tools/bench_step.py                      # CPU: resnet50, vit_base_patch16_224, convnext_tiny
-    python tools/bench_step.py --device cuda        # adds GPT-2 (24 layers, width 1536 and 2048)
+    python tools/bench_step.py --device cuda        # adds ResNet-101, ViT-S/16, GPT-2 (24 layers, width 1536, 2048)
+    python tools/bench_step.py --device cuda --official-adan /path/to/sail-sg/Adan   # + official FusedAdan rows
     python tools/bench_step.py --quick --no-write   # ResNet-50 shapes only, few repeats, print only
 
 For each model and optimizer variant: median ms per step (warm-up first; CUDA events on a GPU,
@@ -26,22 +27,23 @@ import torch
 
 from bench.doc import HEADER, PLACEHOLDER, SECTION_BEGIN, SECTION_END, _extract, write_chart, write_doc
 from bench.measure import BandwidthFloor, CpuPeakMemory, cuda_peak_memory, time_fn
-from bench.report import (REPO_ROOT, RunInfo, Target, device_name, evaluate_targets, ratio_target, results_table,
-                          section, versions)
+from bench.report import (REPO_ROOT, RunInfo, Target, device_name, evaluate_targets, peak_mb, ratio_target,
+                          readme_table, results_table, section, versions)
 from bench.run import (Bench, Row, Settings, compile_warmup, fits_in_memory, measure_cpu_memory, paired_ratios,
                        run_model)
 from bench.shapes import MODELS, ModelSpec, Shape, gpt2_shapes, numel, timm_shapes
-from bench.variants import ADAMW_HP, ADAN_HP, VARIANTS, Unavailable, Variant, state_bytes, step_bytes
+from bench.variants import (ADAMW_HP, ADAN_HP, VARIANTS, OfficialAdan, Unavailable, Variant, state_bytes,
+                            step_bytes)
 
 DEFAULT_DOC = os.path.join(REPO_ROOT, "docs", "benchmarks.md")
 
 # Re-exported: the names tests/test_bench_step.py (and callers of the former single-file tool) use.
 __all__ = [
     "ADAMW_HP", "ADAN_HP", "HEADER", "MODELS", "PLACEHOLDER", "REPO_ROOT", "SECTION_BEGIN", "SECTION_END",
-    "VARIANTS", "BandwidthFloor", "Bench", "CpuPeakMemory", "ModelSpec", "Row", "RunInfo", "Settings", "Shape",
+    "VARIANTS", "OfficialAdan", "BandwidthFloor", "Bench", "CpuPeakMemory", "ModelSpec", "Row", "RunInfo", "Settings", "Shape",
     "Target", "Unavailable", "Variant", "_extract", "compile_warmup", "cuda_peak_memory", "device_name",
     "evaluate_targets", "fits_in_memory", "gpt2_shapes", "main", "measure_cpu_memory", "numel",
-    "paired_ratios", "parse_args", "ratio_target", "results_table", "run_model", "section", "state_bytes", "step_bytes", "time_fn",
+    "paired_ratios", "parse_args", "peak_mb", "readme_table", "ratio_target", "results_table", "run_model", "section", "state_bytes", "step_bytes", "time_fn",
     "timm_shapes", "versions", "write_chart", "write_doc",
 ]
 
@@ -51,19 +53,20 @@ def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default=None, help="cpu or cuda[:i] (default: cuda if available, else cpu)")
     ap.add_argument("--models", default=None,
-                    help=f"comma list from {', '.join(MODELS)} (default: CPU: the three timm models; "
-                         "CUDA: those and both GPT-2)")
+                    help=f"comma list from {', '.join(MODELS)} (default: CPU: resnet50, vit_base_patch16_224, "
+                         "convnext_tiny; CUDA: those, resnet101, vit_small_patch16_224 and both GPT-2)")
     ap.add_argument("--variants", default=None, help=f"comma list from {', '.join(VARIANTS)} (default: all)")
     ap.add_argument("--repeats", type=int, default=None, help="most timed steps per variant "
-                    "(default: CPU 40, CUDA 200)")
+                    "(default: CPU 40, CUDA 100)")
     ap.add_argument("--min-repeats", type=int, default=5, help="fewest timed steps per variant (default 5)")
     ap.add_argument("--max-seconds", type=float, default=None,
                     help="stop timing a variant after this long once --min-repeats are done "
-                         "(default: CPU 3, CUDA 5)")
+                         "(default: CPU 3, CUDA 1.5: seven models x nine variants fit in "
+                         "about two minutes on an H100)")
     ap.add_argument("--rounds", type=int, default=None,
                     help="time the variants round-robin in this many rounds, each with its own warm-up "
                          "(default: CPU 3, CUDA 1; --quick 1)")
-    ap.add_argument("--warmup", type=int, default=None, help="untimed steps first (default: CPU 3, CUDA 10)")
+    ap.add_argument("--warmup", type=int, default=None, help="untimed steps first (default: CPU 3, CUDA 5)")
     ap.add_argument("--copy-mib", type=int, default=None, help="size of each bandwidth-floor tensor "
                     "(default: CPU 256, CUDA 1024)")
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
@@ -71,9 +74,13 @@ def parse_args(argv=None):
                     help="ResNet-50 shapes only (unless --models), 2 warm-up and 5 timed steps")
     ap.add_argument("--compile-models", default=None,
                     help="models on which the torch.compile variant runs (default: CPU resnet50 only, "
-                         "compiling takes minutes on a few cores; CUDA: all)")
+                         "compiling takes minutes on a few cores; CUDA: none, name them to run it)")
     ap.add_argument("--compile-budget", type=float, default=600.0,
                     help="give up on torch.compile after this many seconds per model (default 600)")
+    ap.add_argument("--official-adan", default=None, metavar="PATH",
+                    help="directory of the official sail-sg/Adan code: its adan.py and the fused_adan CUDA "
+                         "extension built in place (python setup.py build_ext --inplace); without it the "
+                         "official-fused rows say n/a")
     ap.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
     ap.add_argument("--output", default=DEFAULT_DOC, help="markdown page to update (default docs/benchmarks.md)")
     ap.add_argument("--chart", default=None, help="PNG path (default: bench_step_<device>.png beside --output)")
@@ -106,15 +113,16 @@ def main(argv=None) -> List[Row]:
         if name not in VARIANTS:
             raise SystemExit(f"bench_step: unknown variant {name!r}; choose from {', '.join(VARIANTS)}")
     variants = [VARIANTS[n] for n in variant_names]
+    OfficialAdan.set_path(args.official_adan)
 
     quick = args.quick
     s = Settings(
         device=device,
-        warmup=args.warmup if args.warmup is not None else (2 if quick else (10 if on_gpu else 3)),
-        repeats=args.repeats if args.repeats is not None else (5 if quick else (200 if on_gpu else 40)),
+        warmup=args.warmup if args.warmup is not None else (2 if quick else (5 if on_gpu else 3)),
+        repeats=args.repeats if args.repeats is not None else (5 if quick else (100 if on_gpu else 40)),
         min_repeats=args.min_repeats,
         max_seconds=args.max_seconds if args.max_seconds is not None else (1.0 if quick else
-                                                                            (5.0 if on_gpu else 3.0)),
+                                                                            (1.5 if on_gpu else 3.0)),
         memory=not args.no_memory,
         rounds=max(1, args.rounds if args.rounds is not None else (1 if quick or on_gpu else 3)),
     )
@@ -122,7 +130,8 @@ def main(argv=None) -> List[Row]:
     if args.compile_models is not None:
         s.compile_models = [m.strip() for m in args.compile_models.split(",") if m.strip()]
     else:
-        s.compile_models = models if on_gpu else [m for m in models if m in ("resnet50", "tiny")]
+        # CUDA: none by default; compiling the step takes minutes per model, more than the rest of a run.
+        s.compile_models = [] if on_gpu else [m for m in models if m in ("resnet50", "tiny")]
     s.compile_budget = args.compile_budget
     copy_mib = args.copy_mib or (1024 if on_gpu else 256)
 

@@ -214,7 +214,28 @@ def evaluate_targets(rows: Sequence[Row], info: RunInfo) -> List[Target]:
             targets.append(ratio_target(
                 look, f"GPU, {model} shapes: ours fused bf16 state no slower than torch AdamW(fused=True) fp32",
                 model, "ours-fused-bf16", "adamw-fused", 1.0))
+        for model in ("gpt2-1536", "gpt2-2048"):
+            targets.append(ratio_target(
+                look, f"GPU, {model} shapes: ours fused ≤ 0.75× official FusedAdan ms/step",
+                model, "ours-fused", "official-fused", 0.75))
+        for model in dict.fromkeys(r.model for r in rows):
+            for variant in ("ours-fused", "ours-fused-bf16"):
+                targets.append(_peak_target(look, model, variant, 0.01))
     return targets
+
+
+def _peak_target(look: Lookup, model: str, variant: str, share: float) -> Target:
+    """GPU: the memory one step allocates beyond parameters, gradients and states ≤ ``share`` of the
+    parameters' size (fp32 parameters: 4 bytes each)."""
+    text = f"GPU, {model}, {variant}: peak memory beyond states ≤ {100 * share:g}% of the parameters' size"
+    r = _usable(look, model, variant)
+    if r is None:
+        return Target(text, "not evaluated", _missing(look, (model, variant)))
+    if r.peak_extra is None:
+        return Target(text, "not evaluated", f"peak memory n/a ({r.peak_reason or 'not measured'})")
+    size = 4 * r.params
+    return Target(text, "met" if r.peak_extra <= share * size else "not met",
+                  f"{r.peak_extra / 2**20:.2f} MiB / {size / 2**20:.1f} MiB = {100 * r.peak_extra / size:.3f}%")
 
 
 def _mib(n: Optional[int]) -> str:
@@ -246,6 +267,49 @@ def results_table(rows: Sequence[Row], info: RunInfo) -> str:
     return "\n".join(lines)
 
 
+# The official README's "Memory and Efficiency" table: Adam(W), Adan unfused, Adan fused, the official FusedAdan.
+README_COLUMNS = (("adamw-fused", "AdamW fused"), ("ours-foreach", "ours unfused"), ("ours-fused", "ours fused"),
+                  ("official-fused", "official FusedAdan"))
+
+
+def peak_mb(r: Row) -> Optional[float]:
+    """Parameters + gradients (fp32) + optimizer state + the step's own peak beyond them, in MB (10^6 bytes,
+    the unit of the official table); None without a peak measurement."""
+    if r.reason is not None or r.peak_extra is None:
+        return None
+    return (8 * r.params + r.state_bytes + r.peak_extra) / 1e6
+
+
+def readme_table(rows: Sequence[Row]) -> str:
+    """One row per model in the form of the official Adan README's "Memory and Efficiency" table: model
+    size, peak MB and the time of 200 steps (200 × the median ms/step) for the four columns' variants."""
+    look = _row_lookup(rows)
+    head = (["Model", "Model size (M params)"] + [f"{label} peak (MB)" for _, label in README_COLUMNS]
+            + [f"{label} time, 200 steps (ms)" for _, label in README_COLUMNS])
+    lines = ["| " + " | ".join(head) + " |", "|:---|" + "---:|" * (len(head) - 1)]
+    for model in dict.fromkeys(r.model for r in rows):
+        n = next(r.params for r in rows if r.model == model)
+        peaks, times = [], []
+        for variant, _ in README_COLUMNS:
+            r = look.get((model, variant))
+            mb = peak_mb(r) if r is not None else None
+            peaks.append("n/a" if mb is None else f"{mb:.0f}")
+            times.append(f"{200 * r.ms:.1f}" if r is not None and r.reason is None and r.times else "n/a")
+        lines.append(f"| {model} | {n / 1e6:.1f} | " + " | ".join(peaks + times) + " |")
+    return "\n".join(lines)
+
+
+README_TABLE_TEXT = (
+    "Peak memory and time in the form of the official Adan README's \"Memory and Efficiency\" table. "
+    "**peak MB** here = fp32 parameters + fp32 gradients + the optimizer's state tensors + the most one "
+    "`optimizer.step()` allocates beyond them (the peak-memory column of the tables below), in 10^6 bytes; "
+    "\"n/a\" where the variant did not run or its peak was not measured.  The official table measured a "
+    "whole training step (model activations included), so its absolute numbers are larger and only the "
+    "differences between columns of one row compare between the two tables.  **time, 200 steps** = "
+    "200 × the median ms/step below.  \"ours unfused\" is `Adan(foreach=True, fused=False)`; "
+    "\"official FusedAdan\" is sail-sg/Adan's `Adan(foreach=True, fused=True)` (its multi-tensor kernel).")
+
+
 def section(rows: Sequence[Row], info: RunInfo, chart: Optional[str]) -> str:
     targets = evaluate_targets(rows, info)
     v = info.versions
@@ -264,6 +328,7 @@ def section(rows: Sequence[Row], info: RunInfo, chart: Optional[str]) -> str:
         "| target | result | numbers |", "|---|---|---|",
     ]
     out += [f"| {t.text} | **{t.verdict}** | {t.detail} |" for t in targets]
+    out += ["", README_TABLE_TEXT, "", readme_table(rows)]
     out.append(results_table(rows, info))
     if chart:
         out += ["", f"![step time per variant, {info.device_type}]({os.path.basename(chart)})"]

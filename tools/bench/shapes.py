@@ -48,6 +48,9 @@ class ModelSpec:
 # embedding width 1536 / 2048, vocabulary 49280, sequence length 2048 (used here as the position table).
 MODELS: Dict[str, ModelSpec] = {
     "resnet50": ModelSpec("resnet50", "timm resnet50", lambda: timm_shapes("resnet50")),
+    "resnet101": ModelSpec("resnet101", "timm resnet101", lambda: timm_shapes("resnet101"), cpu_default=False),
+    "vit_small_patch16_224": ModelSpec("vit_small_patch16_224", "timm vit_small_patch16_224",
+                                       lambda: timm_shapes("vit_small_patch16_224"), cpu_default=False),
     "vit_base_patch16_224": ModelSpec("vit_base_patch16_224", "timm vit_base_patch16_224",
                                       lambda: timm_shapes("vit_base_patch16_224")),
     "convnext_tiny": ModelSpec("convnext_tiny", "timm convnext_tiny", lambda: timm_shapes("convnext_tiny")),

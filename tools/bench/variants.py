@@ -1,8 +1,13 @@
-"""The optimizer variants timed (ours, timm's, mmpretrain's Adan, torch AdamW) and the bytes a step moves."""
+"""The optimizer variants timed (ours, timm's, mmpretrain's and the official sail-sg Adan, torch AdamW) and the
+bytes a step moves."""
 from __future__ import annotations
 
+import importlib.machinery
+import importlib.util
+import os
+import sys
 from dataclasses import dataclass
-from typing import Callable, Dict, List
+from typing import Callable, Dict, List, Optional
 
 import torch
 
@@ -23,6 +28,9 @@ class Variant:
     label: str
     make: Callable[[List[torch.Tensor]], torch.optim.Optimizer]
     compiled: bool = False
+    # Its kernel is not a dispatched torch op (a pybind extension call): OpBytes would see only the
+    # ops around it, so its ops' bytes are not counted.
+    opaque: bool = False
 
 
 def _ours(**kw):
@@ -64,6 +72,59 @@ def _mmpretrain(params):
     return MMAdan(params, **ADAN_HP)  # its default foreach=True
 
 
+class OfficialAdan:
+    """Where the official sail-sg/Adan code lives: a directory holding its ``adan.py`` and the
+    ``fused_adan`` CUDA extension built in place (``python setup.py build_ext --inplace`` there).  Its code
+    stays outside this repository; the bench loads ``adan.py`` by file location, with the directory on
+    ``sys.path`` so that its ``import fused_adan`` finds the extension beside it."""
+
+    path: Optional[str] = None
+    _loaded: Dict[str, object] = {}
+
+    @classmethod
+    def set_path(cls, path: Optional[str]) -> None:
+        cls.path = os.path.abspath(path) if path else None
+
+    @classmethod
+    def optimizer_class(cls):
+        if cls.path is None:
+            raise Unavailable("no --official-adan path given")
+        if cls.path in cls._loaded:
+            return cls._loaded[cls.path]
+        source = os.path.join(cls.path, "adan.py")
+        if not os.path.isfile(source):
+            raise Unavailable(f"no adan.py in --official-adan {cls.path}")
+        if cls.path not in sys.path:
+            sys.path.append(cls.path)  # last: its setup.py and adan.py shadow nothing
+        # Without the built extension, its source folder fused_adan/ imports as an empty namespace
+        # package and the step would fail later with an AttributeError; say what is missing instead.
+        built = any(os.path.isfile(os.path.join(cls.path, "fused_adan" + suffix))
+                    for suffix in importlib.machinery.EXTENSION_SUFFIXES)
+        if os.path.isdir(os.path.join(cls.path, "fused_adan")) and not built:
+            raise Unavailable(f"fused_adan extension not built in {cls.path} (python setup.py build_ext "
+                              "--inplace there)")
+        try:
+            spec = importlib.util.spec_from_file_location("_bench_official_adan", source)
+            module = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(module)
+            adan = module.Adan
+        except Exception as err:  # noqa: BLE001  -- whatever the foreign file raises is the reason
+            raise Unavailable(f"official adan.py failed to load: {type(err).__name__}: {err}") from err
+        cls._loaded[cls.path] = adan
+        return adan
+
+
+def _official(foreach: bool):
+    def make(params):
+        adan = OfficialAdan.optimizer_class()
+        try:
+            # Its constructor checks that fused_adan imports (ImportError naming the build step).
+            return adan(params, **ADAN_HP, foreach=foreach, fused=True)
+        except Exception as err:  # noqa: BLE001
+            raise Unavailable(f"official FusedAdan: {type(err).__name__}: {err}") from err
+    return make
+
+
 def _adamw(**kw):
     def make(params):
         try:
@@ -85,6 +146,9 @@ VARIANTS: Dict[str, Variant] = {v.name: v for v in [
     Variant("timm-foreach", "timm Adan foreach", _timm(True)),
     Variant("timm-single", "timm Adan single-tensor", _timm(False)),
     Variant("mmpretrain", "mmpretrain Adan (foreach)", _mmpretrain),
+    Variant("official-fused", "official FusedAdan (sail-sg, multi-tensor)", _official(foreach=True), opaque=True),
+    Variant("official-fused-single", "official FusedAdan (sail-sg, single-tensor)", _official(foreach=False),
+            opaque=True),
     Variant("adamw-fused", "torch AdamW fused", _adamw(fused=True)),
     Variant("adamw-foreach", "torch AdamW foreach", _adamw(foreach=True)),
 ]}
@@ -94,7 +158,7 @@ VARIANTS: Dict[str, Variant] = {v.name: v for v in [
 def step_bytes(optimizer: torch.optim.Optimizer) -> int:
     """Bytes one step must move at least: every parameter with a gradient is read and written, its
     gradient read, and every tensor in its optimizer state read and written (Adan: exp_avg, exp_avg_sq,
-    exp_avg_diff, neg_pre_grad or mmpretrain's pre_grad; AdamW: exp_avg, exp_avg_sq and the step
+    exp_avg_diff, neg_pre_grad (ours, timm's, the official one) or mmpretrain's pre_grad; AdamW: exp_avg, exp_avg_sq and the step
     tensor).  Counted from the tensors the optimizer holds after a step, so a bf16 state counts 2 bytes
     per element, an 8-bit state 1 byte per element plus its fp32 per-block scales, an fp32 step tensor
     4 bytes per parameter tensor."""
