@@ -61,8 +61,8 @@ def parse_args(argv=None):
     ap.add_argument("--min-repeats", type=int, default=5, help="fewest timed steps per variant (default 5)")
     ap.add_argument("--max-seconds", type=float, default=None,
                     help="stop timing a variant after this long once --min-repeats are done "
-                         "(default: CPU 3, CUDA 1.5: seven models x nine variants fit in "
-                         "about two minutes on an H100)")
+                         "(default: CPU 3, CUDA 1.5: sized so that seven models x nine variants "
+                         "take about two minutes on an H100, an estimate not yet timed)")
     ap.add_argument("--rounds", type=int, default=None,
                     help="time the variants round-robin in this many rounds, each with its own warm-up "
                          "(default: CPU 3, CUDA 1; --quick 1)")
