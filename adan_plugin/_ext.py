@@ -90,12 +90,13 @@ def triton_supported(device: torch.device) -> Tuple[bool, str]:
 
 
 def select_fused_backend(device: torch.device, requested: Optional[str] = None,
-                         triton_lacks: Sequence[str] = ()) -> Tuple[Optional[str], str]:
+                         triton_lacks: Sequence[str] = (), prefer_triton: bool = False) -> Tuple[Optional[str], str]:
     """The fused backend that steps parameters on ``device``, or ``(None, why not)``.
 
     ``requested`` (``Adan(fused_backend=...)``) forces one of FUSED_BACKENDS; ``None`` picks the
     compiled kernels when built for the device, else the Triton kernels when Triton supports the device
     (never for CPU tensors: there only an explicit ``"triton"`` runs them, in Triton's interpreter).
+    ``prefer_triton`` puts Triton first on a GPU (for the state layouts where it was measured faster).
     ``triton_lacks`` names the enabled options the Triton kernels do not implement."""
     if requested in ("cpu", "cuda"):
         if device.type != requested:
@@ -107,6 +108,8 @@ def select_fused_backend(device: torch.device, requested: Optional[str] = None,
         return requested, ""
     compiled_why = ""
     if requested is None:
+        if prefer_triton and device.type == "cuda" and not triton_lacks and triton_supported(device)[0]:
+            return "triton", ""
         if device.type in ("cpu", "cuda") and fused_supported(device):
             return device.type, ""
         compiled_why = (f"{BUILD_HINT} (import error: {_load_error})" if not extension_loaded()

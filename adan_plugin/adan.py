@@ -30,6 +30,13 @@ def _triton_lacks(group: Dict[str, Any]) -> List[str]:
     return ["caution"] if group.get("caution") else []
 
 
+def _prefers_triton(group: Dict[str, Any]) -> bool:
+    """8-bit states on a GPU step on the Triton kernel when ``fused_backend`` is not forced: its tiles of
+    quantization blocks (block maxima by row reductions) ran 37x faster on an H100 than the CUDA kernel's
+    one-thread-per-block code (docs/benchmarks.md, GPT-2 1.3B: 16.7 vs 621 ms)."""
+    return group.get("state_dtype") == lowmem.EIGHT_BIT
+
+
 def _is_dense(t: Tensor) -> bool:
     """Whether ``t`` covers its storage span without gaps or overlaps (any dim order)."""
     if t.is_contiguous() and t.numel():  # the usual case, without the sort (torch calls any empty tensor contiguous)
@@ -253,7 +260,7 @@ class Adan(Optimizer):
         if not all(p.dtype in FUSED_DTYPES and _is_dense(p) for p in group["params"]):
             return False
         lacks = _triton_lacks(group)
-        return all(_ext.select_fused_backend(device, None, lacks)[0] is not None
+        return all(_ext.select_fused_backend(device, None, lacks, _prefers_triton(group))[0] is not None
                    for device in {p.device for p in group["params"]})
 
     @property
@@ -265,7 +272,8 @@ class Adan(Optimizer):
             names = set()
             if self._uses_fused(group):
                 for device in {p.device for p in group["params"]}:
-                    names.add(_ext.select_fused_backend(device, group["fused_backend"], _triton_lacks(group))[0])
+                    names.add(_ext.select_fused_backend(device, group["fused_backend"], _triton_lacks(group),
+                                                        _prefers_triton(group))[0])
             out.append("+".join(sorted(str(n) for n in names)) if names else None)
         return tuple(out)
 
@@ -309,7 +317,8 @@ class Adan(Optimizer):
                 if allow_meta and device.type == "meta":
                     problem = ""
                 else:
-                    backend, why = _ext.select_fused_backend(device, group["fused_backend"], _triton_lacks(group))
+                    backend, why = _ext.select_fused_backend(device, group["fused_backend"], _triton_lacks(group),
+                                                             _prefers_triton(group))
                     problem = "" if backend is not None else f"no fused backend for parameters on {device}: {why}"
                 device_problems[device] = problem
             if problem:

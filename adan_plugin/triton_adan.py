@@ -23,7 +23,7 @@ tables is host work plus a host-to-device copy, so they are cached, keyed by eve
 they hold, and rebuilt only when the tensor set changes (new state, a checkpoint load, gradients
 reallocated at new addresses).  The copy comes from pinned memory with ``non_blocking=True``: the host
 never waits, and a step captured in a CUDA graph after a warm-up step (which also JIT-compiles the
-kernel) reuses the cached tables (reasoned, not run: no GPU here).  The cache holds ``_CACHE_SIZE``
+kernel) reuses the cached tables (run on an H100: tests/test_triton_cuda.py).  The cache holds ``_CACHE_SIZE``
 plans (one per parameter bucket and first-step split of a group).  What stays per step on the host is
 checking every tensor (as the C++ op does, here in Python) and the cache key.
 

@@ -581,23 +581,50 @@ def test_triton_imported_before_the_interpreter_was_set_is_refused_with_the_reas
     assert "(False, 'triton.language was imported before TRITON_INTERPRET=1 was set" in run.stdout
 
 
-@pytest.mark.parametrize("compiled_cuda,triton_ok,lacks,requested,expected", [
-    (True, True, (), None, "cuda"),          # compiled kernels first
-    (False, True, (), None, "triton"),       # then Triton
-    (False, False, (), None, None),          # then an unfused path (fused=None) / an error (fused=True)
-    (False, True, ("caution",), None, None),
-    (True, True, ("caution",), None, "cuda"),
-    (True, True, (), "triton", "triton"),    # forced
-    (False, True, (), "cuda", None),
+@pytest.mark.parametrize("compiled_cuda,triton_ok,lacks,requested,expected,prefer", [
+    (True, True, (), None, "cuda", False),          # compiled kernels first
+    (False, True, (), None, "triton", False),       # then Triton
+    (False, False, (), None, None, False),          # then an unfused path (fused=None) / an error (fused=True)
+    (False, True, ("caution",), None, None, False),
+    (True, True, ("caution",), None, "cuda", False),
+    (True, True, (), "triton", "triton", False),    # forced
+    (False, True, (), "cuda", None, False),
+    # 8-bit states (prefer_triton): Triton first, the compiled kernels when Triton cannot, and a forced
+    # backend still wins
+    (True, True, (), None, "triton", True),
+    (True, False, (), None, "cuda", True),
+    (True, True, ("caution",), None, "cuda", True),
+    (True, True, (), "cuda", "cuda", True),
 ])
-def test_gpu_selection_order(monkeypatch, compiled_cuda, triton_ok, lacks, requested, expected):
+def test_gpu_selection_order(monkeypatch, compiled_cuda, triton_ok, lacks, requested, expected, prefer):
     cuda = torch.device("cuda", 0)
     monkeypatch.setattr(_ext, "extension_loaded", lambda: True)
     monkeypatch.setattr(_ext, "fused_supported", lambda device: device.type == "cpu" or compiled_cuda)
     monkeypatch.setattr(_ext, "_triton_status", {cuda: (triton_ok, "" if triton_ok else "no GPU Triton")})
-    backend, why = _ext.select_fused_backend(cuda, requested, lacks)
+    backend, why = _ext.select_fused_backend(cuda, requested, lacks, prefer)
     assert backend == expected
     assert (why == "") == (expected is not None)
+
+
+def test_8bit_groups_ask_for_triton_first(monkeypatch):
+    # Every place Adan selects a backend (fused=None's check, fused_backends, the step's checks) passes
+    # prefer_triton for 8-bit groups only.
+    seen = []
+    real = _ext.select_fused_backend
+
+    def spy(device, requested=None, lacks=(), prefer_triton=False):
+        seen.append(prefer_triton)
+        return real(device, requested, lacks, prefer_triton)
+
+    monkeypatch.setattr(_ext, "select_fused_backend", spy)
+    for state_dtype, expected in (("8bit", True), (torch.bfloat16, False), (None, False)):
+        seen.clear()
+        p = torch.nn.Parameter(torch.randn(5000))
+        opt = Adan([p], state_dtype=state_dtype)
+        assert opt.fused_backends == ("cpu",)
+        p.grad = torch.randn_like(p)
+        opt.step()
+        assert len(seen) >= 3 and set(seen) == {expected}, (state_dtype, seen)
 
 
 def test_gpu_without_compiled_kernels_uses_triton_then_unfused(monkeypatch):
