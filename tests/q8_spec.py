@@ -53,3 +53,15 @@ def spread_values(numel, seed):
     x[256:512] = 0.0
     x[512:768] = -3.25
     return x
+
+
+def assert_zero_state_step_is_the_spec(g, states, scales, keys):
+    """After one step with betas 0 from zero states on gradient ``g`` (CPU float32): m = d = g,
+    n = g*g, neg_pre_grad = -g exactly, so ``states``/``scales`` (any device; in the order of ``keys``,
+    the four state names) must be the spec's codes and scales of those values, bit for bit."""
+    gn = g.numpy()
+    expected = {"exp_avg": gn, "exp_avg_sq": (gn * gn).astype(np.float32), "exp_avg_diff": gn, "neg_pre_grad": -gn}
+    for key, st, sc in zip(keys, states, scales):
+        codes, absmax = np_quantize(expected[key], sq=key == "exp_avg_sq")
+        np.testing.assert_array_equal(st.cpu().numpy(), codes, err_msg=key)
+        np.testing.assert_array_equal(sc.cpu().numpy(), absmax, err_msg=key)

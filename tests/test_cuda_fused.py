@@ -11,6 +11,7 @@ import torch
 from adan_plugin import Adan, _ext
 from adan_plugin.functional import STATE_KEYS
 from adan_plugin.fused import _fused_adan
+from cuda_graphs import capture_step, grad_scaler_steps_without_sync, step_peak_bytes
 from problems import make_problem, param_groups, reference_groups, run_torch
 from reference import RefAdan
 
@@ -132,16 +133,8 @@ def test_cuda_graph_capture_and_replay():
         for dst, src in zip(static_grads, [g for gs in prob.grads[k] for g in gs]):
             dst.copy_(src)
 
-    # Warm up on a side stream (creates the state), as CUDA graphs require.
     load(0)
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        opt.step()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        opt.step()
+    graph = capture_step(opt)
     for k in range(1, len(prob.grads)):
         load(k)
         graph.replay()
@@ -151,23 +144,8 @@ def test_cuda_graph_capture_and_replay():
 
 
 def test_cuda_no_host_sync_with_clipping_and_grad_scaler():
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.GELU(), torch.nn.Linear(128, 10)).cuda()
-    opt = Adan(model.parameters(), lr=1e-2, fused=True, max_grad_norm=1.0, weight_decay=0.02)
-    scaler = torch.amp.GradScaler("cuda")
-    x, y = torch.randn(32, 64, device="cuda"), torch.randint(0, 10, (32,), device="cuda")
-    for it in range(4):
-        with torch.autocast("cuda", dtype=torch.float16):
-            loss = torch.nn.functional.cross_entropy(model(x), y)
-        scaler.scale(loss).backward()
-        if it > 0:  # the first step creates the state (allocations are not syncs, but keep it plain)
-            torch.cuda.set_sync_debug_mode("error")
-        try:
-            scaler.step(opt)
-        finally:
-            torch.cuda.set_sync_debug_mode("default")
-        scaler.update()
-        opt.zero_grad()
+    opt = grad_scaler_steps_without_sync(
+        lambda params: Adan(params, lr=1e-2, fused=True, max_grad_norm=1.0, weight_decay=0.02))
     assert int(opt.param_groups[0]["step"]) >= 1
 
 
@@ -195,9 +173,4 @@ def test_cuda_step_allocates_no_parameter_sized_temporaries():
         p.grad = torch.randn_like(p)
     opt = Adan(params, fused=True, max_grad_norm=1.0)
     opt.step()  # creates the state
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    start = torch.cuda.memory_allocated()
-    opt.step()
-    torch.cuda.synchronize()
-    assert torch.cuda.max_memory_allocated() - start < 2 ** 20
+    assert step_peak_bytes(opt) < 2 ** 20

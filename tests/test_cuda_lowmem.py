@@ -7,13 +7,13 @@ build: nvcc's FMA contraction, the launch plan, 64-bit device addressing, graphs
 """
 import copy
 
-import numpy as np
 import pytest
 import torch
 
 from adan_plugin import Adan, _ext, lowmem
 from adan_plugin.functional import STATE_KEYS
-from q8_spec import np_quantize, spread_values
+from cuda_graphs import assert_replay_equals_eager, step_peak_bytes
+from q8_spec import assert_zero_state_step_is_the_spec, spread_values
 
 pytestmark = [pytest.mark.cuda,
               pytest.mark.skipif(not (_ext.extension_loaded() and _ext.fused_supported(torch.device("cuda"))),
@@ -40,12 +40,7 @@ def test_cuda_quantizer_is_the_spec_bit_for_bit(numel):
         beta3=0.0, step=2.0, first=False, lr=0.0, eps=1e-8, weight_decay=0.0, no_prox=False, param_steps=[],
         exp_avg_scales=[scales[0]], exp_avg_sq_scales=[scales[1]], exp_avg_diff_scales=[scales[2]],
         neg_pre_grad_scales=[scales[3]], kahan_comps=[])
-    gn = g.numpy()
-    expected = {"exp_avg": gn, "exp_avg_sq": (gn * gn).astype(np.float32), "exp_avg_diff": gn, "neg_pre_grad": -gn}
-    for key, st, sc in zip(STATE_KEYS, states, scales):
-        codes, absmax = np_quantize(expected[key], sq=key == "exp_avg_sq")
-        np.testing.assert_array_equal(st.cpu().numpy(), codes, err_msg=key)
-        np.testing.assert_array_equal(sc.cpu().numpy(), absmax, err_msg=key)
+    assert_zero_state_step_is_the_spec(g, states, scales, STATE_KEYS)
 
 
 def _step_with(opt, grads, op=None):
@@ -139,32 +134,7 @@ def test_cuda_8bit_graph_capture_replays_like_eager():
         return ps, Adan(ps, lr=1e-2, fused=True, capturable=True, state_dtype="8bit", kahan_sum=True,
                         max_grad_norm=1.0)
 
-    eager_p, eager = make()
-    for gs in grads:
-        for p, g in zip(eager_p, gs):
-            p.grad.copy_(g)
-        eager.step()
-    graph_p, opt = make()
-    for p, g in zip(graph_p, grads[0]):
-        p.grad.copy_(g)
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        opt.step()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        opt.step()
-    for gs in grads[1:]:
-        for p, g in zip(graph_p, gs):
-            p.grad.copy_(g)
-        graph.replay()
-    torch.cuda.synchronize()
-    for a, b in zip(eager_p, graph_p):
-        assert torch.equal(a, b)
-        for key, v in eager.state[a].items():
-            if torch.is_tensor(v):
-                assert torch.equal(v, opt.state[b][key]), key
+    assert_replay_equals_eager(make, grads)
 
 
 def test_cuda_8bit_step_allocates_no_parameter_sized_temporaries():
@@ -173,9 +143,4 @@ def test_cuda_8bit_step_allocates_no_parameter_sized_temporaries():
         p.grad = torch.randn_like(p)
     opt = Adan(params, fused=True, state_dtype="8bit", kahan_sum=True)
     opt.step()  # creates the state
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    start = torch.cuda.memory_allocated()
-    opt.step()
-    torch.cuda.synchronize()
-    assert torch.cuda.max_memory_allocated() - start < 2 ** 20
+    assert step_peak_bytes(opt) < 2 ** 20

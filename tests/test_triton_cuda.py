@@ -10,14 +10,14 @@ compiler's FMA contraction, CUDA-graph capture, torch.compile of the step."""
 import copy
 import os
 
-import numpy as np
 import pytest
 import torch
 
 from adan_plugin import Adan, _ext, lowmem
 from adan_plugin.functional import STATE_KEYS
+from cuda_graphs import assert_replay_equals_eager, grad_scaler_steps_without_sync, step_peak_bytes
 from problems import make_problem, param_groups, reference_groups, run_torch
-from q8_spec import np_quantize, spread_values
+from q8_spec import assert_zero_state_step_is_the_spec, spread_values
 from reference import RefAdan
 
 _INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") not in ("0", "")
@@ -133,12 +133,7 @@ def test_triton_quantizer_is_the_spec_bit_for_bit(numel):
         **dict(OP_KW, lr=0.0, beta1=0.0, beta2=0.0, beta3=0.0, weight_decay=0.0, step=2.0,
                exp_avg_scales=[scales[0]], exp_avg_sq_scales=[scales[1]], exp_avg_diff_scales=[scales[2]],
                neg_pre_grad_scales=[scales[3]], kahan_comps=[]))
-    gn = g.numpy()
-    expected = {"exp_avg": gn, "exp_avg_sq": (gn * gn).astype(np.float32), "exp_avg_diff": gn, "neg_pre_grad": -gn}
-    for key, st, sc in zip(STATE_KEYS, states, scales):
-        codes, absmax = np_quantize(expected[key], sq=key == "exp_avg_sq")
-        np.testing.assert_array_equal(st.cpu().numpy(), codes, err_msg=key)
-        np.testing.assert_array_equal(sc.cpu().numpy(), absmax, err_msg=key)
+    assert_zero_state_step_is_the_spec(g, states, scales, STATE_KEYS)
 
 
 @pytest.mark.parametrize("p_dtype,kahan", [(torch.float32, False), (torch.bfloat16, True)])
@@ -194,33 +189,8 @@ def test_triton_graph_capture_and_replay_tracks_eager(state_dtype):
         return ps, Adan(ps, lr=1e-2, fused=True, fused_backend="triton", capturable=True, state_dtype=state_dtype,
                         max_grad_norm=1.0)
 
-    eager_p, eager = make()
-    for gs in grads:
-        for p, g in zip(eager_p, gs):
-            p.grad.copy_(g)
-        eager.step()
-    graph_p, opt = make()
-    for p, g in zip(graph_p, grads[0]):
-        p.grad.copy_(g)
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        opt.step()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        opt.step()
-    for gs in grads[1:]:
-        for p, g in zip(graph_p, gs):
-            p.grad.copy_(g)
-        graph.replay()
-    torch.cuda.synchronize()
+    opt = assert_replay_equals_eager(make, grads)
     assert opt.fused_backends == ("triton",)
-    for a, b in zip(eager_p, graph_p):
-        assert torch.equal(a, b)
-        for key, v in eager.state[a].items():
-            if torch.is_tensor(v):
-                assert torch.equal(v, opt.state[b][key]), key
 
 
 @pytest.mark.parametrize("clip", [0.0, 1.0])
@@ -246,24 +216,9 @@ def test_triton_compiled_step_equals_eager(clip):
 
 
 def test_triton_no_host_sync_with_clipping_and_grad_scaler():
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.GELU(), torch.nn.Linear(128, 10)).cuda()
-    opt = Adan(model.parameters(), lr=1e-2, fused=True, fused_backend="triton", max_grad_norm=1.0,
-               weight_decay=0.02)
-    scaler = torch.amp.GradScaler("cuda")
-    x, y = torch.randn(32, 64, device="cuda"), torch.randint(0, 10, (32,), device="cuda")
-    for it in range(4):
-        with torch.autocast("cuda", dtype=torch.float16):
-            loss = torch.nn.functional.cross_entropy(model(x), y)
-        scaler.scale(loss).backward()
-        if it > 1:  # after the first steps have created the state and compiled the kernels
-            torch.cuda.set_sync_debug_mode("error")
-        try:
-            scaler.step(opt)
-        finally:
-            torch.cuda.set_sync_debug_mode("default")
-        scaler.update()
-        opt.zero_grad()
+    opt = grad_scaler_steps_without_sync(
+        lambda params: Adan(params, lr=1e-2, fused=True, fused_backend="triton", max_grad_norm=1.0, weight_decay=0.02),
+        checked_from=2)
     assert opt.fused_backends == ("triton",)
 
 
@@ -275,9 +230,4 @@ def test_triton_step_allocates_no_parameter_sized_temporaries(state_dtype):
     opt = Adan(params, fused=True, fused_backend="triton", max_grad_norm=1.0, state_dtype=state_dtype)
     opt.step()  # creates the state and compiles
     opt.step()  # the device tables are cached from here on
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    start = torch.cuda.memory_allocated()
-    opt.step()
-    torch.cuda.synchronize()
-    assert torch.cuda.max_memory_allocated() - start < 2 ** 20
+    assert step_peak_bytes(opt) < 2 ** 20
