@@ -4,6 +4,8 @@ without one (tools/gpu_checks.sh runs them).
 The CPU suite checks the CUDA block code run on CPU tensors against the NumPy spec and the float64
 reference; here the same code runs as compiled by nvcc for the GPU, so what these tests add is the device
 build: nvcc's FMA contraction, the launch plan, 64-bit device addressing, graphs, the caching allocator.
+8-bit groups step on the Triton kernel by default on a GPU (tests/test_triton_cuda.py), so these tests
+name ``fused_backend="cuda"``.
 """
 import copy
 
@@ -60,6 +62,7 @@ def _step_with(opt, grads, op=None):
 
 def _on_cpu(opt, **kw):
     """An optimizer over CPU copies of ``opt``'s parameters, loaded with its state dict."""
+    kw = {k: v for k, v in kw.items() if k != "fused_backend"}
     cpu = Adan([torch.nn.Parameter(p.detach().cpu()) for p in opt.param_groups[0]["params"]], **kw)
     cpu.load_state_dict(opt.state_dict())
     return cpu
@@ -73,7 +76,7 @@ def test_cuda_8bit_steps_agree_with_the_block_code_on_cpu(p_dtype, kahan):
     # on under 1% of elements (a value the rounding moved across a level threshold), scales to rounding.
     torch.manual_seed(0)
     params = [torch.nn.Parameter(torch.randn(s, device="cuda").to(p_dtype)) for s in SIZES]
-    kw = dict(lr=1e-2, weight_decay=0.02, state_dtype="8bit", kahan_sum=kahan, fused=True)
+    kw = dict(lr=1e-2, weight_decay=0.02, state_dtype="8bit", kahan_sum=kahan, fused=True, fused_backend="cuda")
     opt = Adan(params, **kw)
     cuda_code = torch.ops.adan_plugin._fused_adan_cuda_code_on_cpu_
     tol = dict(rtol=1e-6, atol=1e-7) if p_dtype == torch.float32 else dict(rtol=8e-3, atol=1e-5)
@@ -111,7 +114,7 @@ def test_cuda_kahan_recovers_updates_below_half_an_ulp(state_dtype):
     for kahan in (False, True):
         p = torch.nn.Parameter(torch.ones(8192, dtype=torch.bfloat16, device="cuda"))
         opt = Adan([p], lr=1e-4, betas=(0.0, 0.92, 0.0), eps=1e-8, kahan_sum=kahan, fused=True,
-                   state_dtype=state_dtype)
+                   fused_backend="cuda", state_dtype=state_dtype)
         for _ in range(1000 if kahan else 3):
             p.grad = torch.ones_like(p)
             opt.step()
@@ -131,8 +134,8 @@ def test_cuda_8bit_graph_capture_replays_like_eager():
         ps = [torch.nn.Parameter(torch.ones(s, device="cuda", dtype=torch.bfloat16)) for s in shapes]
         for p in ps:
             p.grad = torch.zeros_like(p)
-        return ps, Adan(ps, lr=1e-2, fused=True, capturable=True, state_dtype="8bit", kahan_sum=True,
-                        max_grad_norm=1.0)
+        return ps, Adan(ps, lr=1e-2, fused=True, fused_backend="cuda", capturable=True, state_dtype="8bit",
+                        kahan_sum=True, max_grad_norm=1.0)
 
     assert_replay_equals_eager(make, grads)
 
@@ -141,6 +144,6 @@ def test_cuda_8bit_step_allocates_no_parameter_sized_temporaries():
     params = [torch.nn.Parameter(torch.randn(4 * 2 ** 20, device="cuda", dtype=torch.bfloat16)) for _ in range(8)]
     for p in params:
         p.grad = torch.randn_like(p)
-    opt = Adan(params, fused=True, state_dtype="8bit", kahan_sum=True)
+    opt = Adan(params, fused=True, fused_backend="cuda", state_dtype="8bit", kahan_sum=True)
     opt.step()  # creates the state
     assert step_peak_bytes(opt) < 2 ** 20

@@ -136,6 +136,21 @@ def test_triton_quantizer_is_the_spec_bit_for_bit(numel):
     assert_zero_state_step_is_the_spec(g, states, scales, STATE_KEYS)
 
 
+def test_8bit_groups_default_to_triton_on_the_gpu():
+    # The CUDA kernel's 8-bit code is latency-bound (docs/benchmarks.md): fused=None and fused=True put
+    # Triton first for 8-bit groups, a forced backend still wins, other state dtypes keep the CUDA kernel.
+    big = [torch.nn.Parameter(torch.randn(5000, device="cuda")), torch.nn.Parameter(torch.randn(7, device="cuda"))]
+    assert Adan(big, state_dtype="8bit").fused_backends == ("triton",)
+    assert Adan(big, state_dtype="8bit", fused=True).fused_backends == ("triton",)
+    assert Adan(big, state_dtype="8bit", fused_backend="cuda").fused_backends == ("cuda",)
+    assert Adan(big, state_dtype=torch.bfloat16).fused_backends == ("cuda",)
+    opt = Adan(big, state_dtype="8bit")
+    for p in big:
+        p.grad = torch.randn_like(p)
+    opt.step()  # one backend per group: the small tensor (fp32 states) steps on Triton too
+    assert lowmem.is_quantized(opt.state[big[0]]) and not lowmem.is_quantized(opt.state[big[1]])
+
+
 @pytest.mark.parametrize("p_dtype,kahan", [(torch.float32, False), (torch.bfloat16, True)])
 def test_triton_8bit_steps_agree_with_our_cuda_kernel(p_dtype, kahan):
     # From the same state each step: parameters to rounding, codes within one level on under 1% of
