@@ -487,3 +487,14 @@ def test_default_models_per_device():
     assert sorted(gpu) == sorted(cpu + ["resnet101", "vit_small_patch16_224", "gpt2-1536", "gpt2-2048"])
     assert 21e6 < bs.numel(bs.MODELS["vit_small_patch16_224"].shapes()) < 23e6
     assert 44e6 < bs.numel(bs.MODELS["resnet101"].shapes()) < 45e6
+
+
+@pytest.mark.skipif(not _ext.extension_loaded(), reason="adan_plugin._C is not built")
+def test_ours_fused_rows_name_the_compiled_kernel():
+    # fused=True alone would put Triton first for 8-bit states on a GPU; the "ours fused" rows time our
+    # compiled kernels, so they name the device's backend (Triton has its own rows).
+    params = [torch.nn.Parameter(torch.randn(5000))]
+    for name in ("ours-fused", "ours-fused-bf16", "ours-fused-8bit"):
+        opt = bs.VARIANTS[name].make(params)
+        assert [g["fused_backend"] for g in opt.param_groups] == ["cpu"], name
+    assert bs.VARIANTS["ours-foreach"].make(params).param_groups[0]["fused_backend"] is None

@@ -42,13 +42,17 @@ def _ours(**kw):
             backend, why = _ext.select_fused_backend(params[0].device, "triton")
             if backend is None:
                 raise Unavailable(why)
-        elif kw.get("fused"):
+        options = kw
+        if kw.get("fused") and kw.get("fused_backend") is None:
             if not _ext.extension_loaded():
                 raise Unavailable(f"extension not built: {_ext.load_error()}")
             if not _ext.fused_supported(params[0].device):
                 raise Unavailable(f"fused kernels not built for {params[0].device.type}")
+            # The compiled kernel for the device, named: fused=True alone puts Triton first for 8-bit
+            # states on a GPU, and these rows time our C++/CUDA kernels (Triton has its own rows).
+            options = dict(kw, fused_backend=params[0].device.type)
         try:
-            return Adan(params, **ADAN_HP, **kw)
+            return Adan(params, **ADAN_HP, **options)
         except TypeError as err:  # e.g. state_dtype not (yet) an option
             raise Unavailable(f"Adan does not accept {sorted(kw)}: {err}") from err
     return make
