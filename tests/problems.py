@@ -6,6 +6,7 @@ exactly the same inputs.
 """
 from __future__ import annotations
 
+import copy
 import random
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional
@@ -156,3 +157,19 @@ def run_grad_scaler(model, twin, opt, plain, x, y, iters: int, overflow_at: int,
             plain.step()
             plain.zero_grad()
     return scaler
+
+
+def stepped_copy(opt, grads, op=None):
+    """A deep copy of ``opt`` stepped once with ``grads`` (one per parameter of its first group, moved to
+    the parameter's device and dtype), through the fused op ``op`` in place of ``fused_adan_`` if given."""
+    o = copy.deepcopy(opt)
+    for p, g in zip(o.param_groups[0]["params"], grads):
+        p.grad = g.to(p.device, p.dtype)
+    saved = torch.ops.adan_plugin.fused_adan_
+    if op is not None:
+        torch.ops.adan_plugin.fused_adan_ = op
+    try:
+        o.step()
+    finally:
+        torch.ops.adan_plugin.fused_adan_ = saved
+    return o

@@ -166,6 +166,19 @@ def test_8bit_op_matches_the_cuda_code_bit_for_bit_and_the_cpu_kernel(param_dtyp
         torch.testing.assert_close(x, y, equal_nan=True, **tol)
 
 
+def _small_launches(monkeypatch):
+    """Launches of 7 programs of 2048-element chunks, so that a few tensors spill over launches."""
+    monkeypatch.setattr(triton_adan, "MAX_PROGRAMS", 7)
+    monkeypatch.setattr(triton_adan, "CHUNK", 2 * B)
+
+
+def _assert_two_classes_over_several_launches():
+    """The one cached plan holds an aligned and an unaligned launch class, with more than two launches."""
+    (plan,) = triton_adan._plans.values()
+    assert sorted(launch.aligned for launch in plan) == [False, True]
+    assert sum(len(launch.launches) for launch in plan) > 2
+
+
 def _device_step_counts(sizes):
     """Per-tensor device step counts for the launch tests: 4, but 1 (a first step) for tensor 3."""
     return [torch.tensor(1.0 if i == 3 else 4.0) for i in range(len(sizes))]
@@ -176,8 +189,7 @@ def test_8bit_and_kahan_across_several_launches(monkeypatch):
     # Launches of 7 programs of 2048-element chunks (8 quantization blocks each): tensors and their scale
     # lists spill over chunk and launch boundaries; an unaligned tensor; device step counts, one of them
     # a first step; bf16 parameters with Kahan buffers.
-    monkeypatch.setattr(triton_adan, "MAX_PROGRAMS", 7)
-    monkeypatch.setattr(triton_adan, "CHUNK", 2 * B)
+    _small_launches(monkeypatch)
     sizes = [5 * B + 3, 1, 0, 2 * B, 300, 3 * B - 1] * 2
     make = offset_views(lambda i: i == 4)
     lists, scales, comps = _q8_lists(sizes, torch.bfloat16, make, kahan=True)
@@ -185,9 +197,7 @@ def test_8bit_and_kahan_across_several_launches(monkeypatch):
     kw = dict(step=0.0, first=False, step_tensor=torch.tensor(4.0), param_steps=steps)
     triton_adan._plans.clear()
     ours = _run_q8(torch.ops.adan_plugin.fused_adan_triton_, lists, scales, comps, **kw)
-    (plan,) = triton_adan._plans.values()
-    assert sorted(launch.aligned for launch in plan) == [False, True]
-    assert sum(len(launch.launches) for launch in plan) > 2
+    _assert_two_classes_over_several_launches()
     theirs = _run_q8(torch.ops.adan_plugin._fused_adan_cuda_code_on_cpu_, lists, scales, comps, **kw)
     for x, y in zip(_flat(ours), _flat(theirs)):
         assert torch.equal(x, y)
@@ -197,8 +207,7 @@ def test_8bit_and_kahan_across_several_launches(monkeypatch):
 def test_many_tensors_across_several_launches(monkeypatch):
     # Launches of 7 programs: tensors spill over launch boundaries, and an unaligned tensor between
     # aligned ones puts them into two launch classes; device step counts, one of them a first step.
-    monkeypatch.setattr(triton_adan, "MAX_PROGRAMS", 7)
-    monkeypatch.setattr(triton_adan, "CHUNK", 2 * B)
+    _small_launches(monkeypatch)
     sizes = [5 * B + 3, 1, 0, 2 * B, 9, 3 * B - 1] * 3
     make = offset_views(lambda i: i == 4)
     lists = _op_lists(sizes, torch.float32, torch.float32, make)
@@ -207,9 +216,7 @@ def test_many_tensors_across_several_launches(monkeypatch):
     theirs = [[t.clone() for t in ts] for ts in lists]
     triton_adan._plans.clear()
     torch.ops.adan_plugin.fused_adan_triton_(*lists, **kw)
-    (plan,) = triton_adan._plans.values()
-    assert sorted(launch.aligned for launch in plan) == [False, True]
-    assert sum(len(launch.launches) for launch in plan) > 2
+    _assert_two_classes_over_several_launches()
     torch.ops.adan_plugin._fused_adan_cuda_code_on_cpu_(*theirs, **kw)
     for a, b in zip(lists, theirs):
         for x, y in zip(a, b):
