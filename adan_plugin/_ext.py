@@ -6,9 +6,11 @@ ops.  Everything but the fused path works without it.
 """
 from __future__ import annotations
 
-from typing import Callable, Dict, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 
 import torch
+
+from .validation import EIGHT_BIT
 
 _load_error: Optional[BaseException] = None
 _loaded: Optional[bool] = None
@@ -90,13 +92,15 @@ def triton_supported(device: torch.device) -> Tuple[bool, str]:
 
 
 def select_fused_backend(device: torch.device, requested: Optional[str] = None,
-                         triton_lacks: Sequence[str] = (), prefer_triton: bool = False) -> Tuple[Optional[str], str]:
+                         triton_lacks: Sequence[str] = (), state_dtype: Any = None) -> Tuple[Optional[str], str]:
     """The fused backend that steps parameters on ``device``, or ``(None, why not)``.
 
     ``requested`` (``Adan(fused_backend=...)``) forces one of FUSED_BACKENDS; ``None`` picks the
     compiled kernels when built for the device, else the Triton kernels when Triton supports the device
     (never for CPU tensors: there only an explicit ``"triton"`` runs them, in Triton's interpreter).
-    ``prefer_triton`` puts Triton first on a GPU (for the state layouts where it was measured faster).
+    ``state_dtype`` is the group's: for ``"8bit"`` on a GPU Triton comes first, since its tiles of
+    quantization blocks (block maxima by row reductions) ran 37x faster on an H100 than the CUDA kernel's
+    one-thread-per-block code (docs/benchmarks.md, GPT-2 1.3B: 16.7 vs 621 ms).
     ``triton_lacks`` names the enabled options the Triton kernels do not implement."""
     if requested in ("cpu", "cuda"):
         if device.type != requested:
@@ -108,7 +112,7 @@ def select_fused_backend(device: torch.device, requested: Optional[str] = None,
         return requested, ""
     compiled_why = ""
     if requested is None:
-        if prefer_triton and device.type == "cuda" and not triton_lacks and triton_supported(device)[0]:
+        if state_dtype == EIGHT_BIT and device.type == "cuda" and not triton_lacks and triton_supported(device)[0]:
             return "triton", ""
         if device.type in ("cpu", "cuda") and fused_supported(device):
             return device.type, ""

@@ -30,11 +30,9 @@ def _triton_lacks(group: Dict[str, Any]) -> List[str]:
     return ["caution"] if group.get("caution") else []
 
 
-def _prefers_triton(group: Dict[str, Any]) -> bool:
-    """8-bit states on a GPU step on the Triton kernel when ``fused_backend`` is not forced: its tiles of
-    quantization blocks (block maxima by row reductions) ran 37x faster on an H100 than the CUDA kernel's
-    one-thread-per-block code (docs/benchmarks.md, GPT-2 1.3B: 16.7 vs 621 ms)."""
-    return group.get("state_dtype") == lowmem.EIGHT_BIT
+def _select_backend(device: torch.device, group: Dict[str, Any], requested: Optional[str]) -> Tuple[Optional[str], str]:
+    """``_ext.select_fused_backend`` for ``group``'s parameters on ``device``."""
+    return _ext.select_fused_backend(device, requested, _triton_lacks(group), group["state_dtype"])
 
 
 def _is_dense(t: Tensor) -> bool:
@@ -261,8 +259,7 @@ class Adan(Optimizer):
         # group (float64, a strided view as in timm's tests) steps unfused.
         if not all(p.dtype in FUSED_DTYPES and _is_dense(p) for p in group["params"]):
             return False
-        lacks = _triton_lacks(group)
-        return all(_ext.select_fused_backend(device, None, lacks, _prefers_triton(group))[0] is not None
+        return all(_select_backend(device, group, None)[0] is not None
                    for device in {p.device for p in group["params"]})
 
     @property
@@ -274,8 +271,7 @@ class Adan(Optimizer):
             names = set()
             if self._uses_fused(group):
                 for device in {p.device for p in group["params"]}:
-                    names.add(_ext.select_fused_backend(device, group["fused_backend"], _triton_lacks(group),
-                                                        _prefers_triton(group))[0])
+                    names.add(_select_backend(device, group, group["fused_backend"])[0])
             out.append("+".join(sorted(str(n) for n in names)) if names else None)
         return tuple(out)
 
@@ -319,8 +315,7 @@ class Adan(Optimizer):
                 if allow_meta and device.type == "meta":
                     problem = ""
                 else:
-                    backend, why = _ext.select_fused_backend(device, group["fused_backend"], _triton_lacks(group),
-                                                             _prefers_triton(group))
+                    backend, why = _select_backend(device, group, group["fused_backend"])
                     problem = "" if backend is not None else f"no fused backend for parameters on {device}: {why}"
                 device_problems[device] = problem
             if problem:

@@ -63,7 +63,7 @@ def _fused_adan(
     backend: Optional[str] = None,
     kahan_comps: Optional[List[Optional[Tensor]]] = None,
     state_scales: Optional[List[Optional[List[Tensor]]]] = None,
-    prefer_triton: bool = False,
+    state_dtype: Any = None,
 ) -> None:
     """Same contract as ``_single_tensor_adan``, plus:
 
@@ -77,8 +77,9 @@ def _fused_adan(
     backend: force a fused backend (``Adan(fused_backend=...)``); ``None``: the
         compiled kernels when built for the device, else Triton's
         (``_ext.select_fused_backend``).
-    prefer_triton: with ``backend=None``, Triton first on a GPU (an 8-bit group's
-        choice, also for its small fp32-state tensors: one backend per group).
+    state_dtype: the group's ``state_dtype``, for the backend choice only (an 8-bit
+        group takes Triton first on a GPU, its small fp32-state tensors too: one
+        backend per group).
 
     Unlike the unfused paths, ``neg_pre_grads`` need not be seeded with -g:
     first steps are known from ``step``/``param_steps``/``first``.
@@ -102,7 +103,7 @@ def _fused_adan(
     ops = {}
     for device, _, _ in buckets:  # every bucket's backend settled before the first writes
         if device not in ops:
-            name, why = _ext.select_fused_backend(device, backend, (), prefer_triton)
+            name, why = _ext.select_fused_backend(device, backend, (), state_dtype)
             if name is None:
                 raise RuntimeError(f"Adan(fused=True): no fused backend for parameters on {device}: {why}")
             ops[device] = _ext.fused_op(name)
@@ -243,7 +244,7 @@ def fused_group_step(optimizer, group: Dict[str, Any], params: List[Tensor], gra
     hyper = dict(lr=hparams["lr"], beta1=hparams["beta1"], beta2=hparams["beta2"], beta3=hparams["beta3"],
                  eps=hparams["eps"], weight_decay=hparams["weight_decay"], no_prox=group["no_prox"],
                  caution=group["caution"], grad_coef=grad_coef, grad_scale=grad_scale, found_inf=found_inf,
-                 backend=group.get("fused_backend"), prefer_triton=eight_bit_group)
+                 backend=group.get("fused_backend"), state_dtype=state_dtype)
     if kahan_sum and any(c is not None for c in comps):
         hyper["kahan_comps"] = comps
     if eight_bit_group and any(sc is not None for sc in scales):

@@ -588,40 +588,40 @@ def test_triton_imported_before_the_interpreter_was_set_is_refused_with_the_reas
     assert "(False, 'triton.language was imported before TRITON_INTERPRET=1 was set" in run.stdout
 
 
-@pytest.mark.parametrize("compiled_cuda,triton_ok,lacks,requested,expected,prefer", [
-    (True, True, (), None, "cuda", False),          # compiled kernels first
-    (False, True, (), None, "triton", False),       # then Triton
-    (False, False, (), None, None, False),          # then an unfused path (fused=None) / an error (fused=True)
-    (False, True, ("caution",), None, None, False),
-    (True, True, ("caution",), None, "cuda", False),
-    (True, True, (), "triton", "triton", False),    # forced
-    (False, True, (), "cuda", None, False),
-    # 8-bit states (prefer_triton): Triton first, the compiled kernels when Triton cannot, and a forced
-    # backend still wins
-    (True, True, (), None, "triton", True),
-    (True, False, (), None, "cuda", True),
-    (True, True, ("caution",), None, "cuda", True),
-    (True, True, (), "cuda", "cuda", True),
+@pytest.mark.parametrize("compiled_cuda,triton_ok,lacks,requested,expected,state_dtype", [
+    (True, True, (), None, "cuda", None),          # compiled kernels first
+    (False, True, (), None, "triton", None),       # then Triton
+    (False, False, (), None, None, None),          # then an unfused path (fused=None) / an error (fused=True)
+    (False, True, ("caution",), None, None, None),
+    (True, True, ("caution",), None, "cuda", None),
+    (True, True, (), "triton", "triton", None),    # forced
+    (False, True, (), "cuda", None, None),
+    (True, True, (), None, "cuda", torch.bfloat16),
+    # 8-bit states: Triton first, the compiled kernels when Triton cannot, and a forced backend still wins
+    (True, True, (), None, "triton", "8bit"),
+    (True, False, (), None, "cuda", "8bit"),
+    (True, True, ("caution",), None, "cuda", "8bit"),
+    (True, True, (), "cuda", "cuda", "8bit"),
 ])
-def test_gpu_selection_order(monkeypatch, compiled_cuda, triton_ok, lacks, requested, expected, prefer):
+def test_gpu_selection_order(monkeypatch, compiled_cuda, triton_ok, lacks, requested, expected, state_dtype):
     cuda = torch.device("cuda", 0)
     monkeypatch.setattr(_ext, "extension_loaded", lambda: True)
     monkeypatch.setattr(_ext, "fused_supported", lambda device: device.type == "cpu" or compiled_cuda)
     monkeypatch.setattr(_ext, "_triton_status", {cuda: (triton_ok, "" if triton_ok else "no GPU Triton")})
-    backend, why = _ext.select_fused_backend(cuda, requested, lacks, prefer)
+    backend, why = _ext.select_fused_backend(cuda, requested, lacks, state_dtype)
     assert backend == expected
     assert (why == "") == (expected is not None)
 
 
 def test_8bit_groups_ask_for_triton_first(monkeypatch):
     # Every place Adan selects a backend (fused=None's check, fused_backends, the step's checks) passes
-    # prefer_triton for 8-bit groups only.
+    # the group's state dtype, which puts Triton first for 8-bit groups only.
     seen = []
     real = _ext.select_fused_backend
 
-    def spy(device, requested=None, lacks=(), prefer_triton=False):
-        seen.append(prefer_triton)
-        return real(device, requested, lacks, prefer_triton)
+    def spy(device, requested=None, lacks=(), state_dtype=None):
+        seen.append(state_dtype == "8bit")
+        return real(device, requested, lacks, state_dtype)
 
     monkeypatch.setattr(_ext, "select_fused_backend", spy)
     for state_dtype, expected in (("8bit", True), (torch.bfloat16, False), (None, False)):
