@@ -69,7 +69,7 @@ C10_ALWAYS_INLINE void load_codes(const Q* q, int64_t cnt, fVec& a, fVec& b) {
   b = codes_to_float<Q>(_mm_srli_si128(v, 8));
 }
 // store_codes: c holds integer-valued floats in [-255, 255], written as codes.  min_or_top(v, top):
-// min(v, top), and top where v is NaN.  sqrt_estimate(v): sqrt(v) to within one level (v >= 0, 0 for 0);
+// min(v, top), and top where v is NaN.  sqrt_estimate(v): sqrt(v) within kLevelSlack (v >= 0, 0 for 0);
 // the AVX-512 build has its own quantizer on mask registers (level_codes16 below).
 template <typename Q>
 C10_ALWAYS_INLINE void store_codes(Q* q, int64_t cnt, const fVec& a, const fVec& b) {
@@ -87,7 +87,7 @@ C10_ALWAYS_INLINE void store_codes(Q* q, int64_t cnt, const fVec& a, const fVec&
   }
 }
 C10_ALWAYS_INLINE fVec min_or_top(const fVec& v, const fVec& top) { return _mm256_min_ps(v, top); }
-C10_ALWAYS_INLINE fVec sqrt_estimate(const fVec& v) {  // relative error <= 1.5 * 2^-12
+C10_ALWAYS_INLINE fVec sqrt_estimate(const fVec& v) {  // relative error <= 1.5 * 2^-12: <= 0.094 at 255
   return _mm256_mul_ps(v, _mm256_rsqrt_ps(_mm256_max_ps(v, _mm256_set1_ps(1e-30f))));
 }
 #else
@@ -127,19 +127,23 @@ C10_ALWAYS_INLINE void opaque(fVec& v) {
 }
 
 // A block's largest |x|, NaN if any x is NaN (a NaN state keeps its block's scale NaN, as the
-// spec's max does).  AVX-512: vmaxps(|x|, acc) keeps acc when |x| is NaN, and a NaN is caught
-// instead by x * 0 + flag, which is NaN for a NaN or infinite x: the rare block where that
-// happens is rescanned exactly from the buffer.
+// spec's max does).  AVX-512: vrangeps (max of magnitudes, sign cleared: one instruction for
+// abs and max) skips a NaN operand, so a NaN or Inf is caught instead by the sum of the values,
+// which is then not finite (nor when finite values sum past fp32's range, a false alarm that costs
+// only time): such a block is rescanned exactly from the buffer and quantized with the clamped
+// sequence, every other block with the shorter one for finite values.
 struct BlockMax {
   fVec acc = fVec(0.0f);
 #if defined(CPU_CAPABILITY_AVX512)
   fVec flag = fVec(0.0f);
   C10_ALWAYS_INLINE void add(const fVec& x) {
-    acc = _mm512_max_ps(_mm512_abs_ps(x), acc);
-    flag = _mm512_fmadd_ps(x, _mm512_setzero_ps(), flag);
+    acc = _mm512_range_ps(acc, x, 0x0B);  // imm[1:0] = 11: larger magnitude; imm[3:2] = 10: sign +
+    flag = _mm512_add_ps(flag, x);
   }
-  float get(const float* buf, int64_t len) const {
-    if (std::isnan(_mm512_reduce_add_ps(flag))) {
+  // finite: whether every x was finite (the other builds never say so; their quantizers do not ask).
+  float get(const float* buf, int64_t len, bool& finite) const {
+    finite = std::isfinite(_mm512_reduce_add_ps(flag));
+    if (!finite) {
       float out = 0.0f;
       for (int64_t j = 0; j < len; ++j) {
         const float a = std::fabs(buf[j]);
@@ -152,7 +156,8 @@ struct BlockMax {
   }
 #else
   C10_ALWAYS_INLINE void add(const fVec& x) { acc = at::vec::maximum(acc, x.abs()); }
-  float get(const float*, int64_t) const {
+  float get(const float*, int64_t, bool& finite) const {
+    finite = false;
     float lanes[kW];
     acc.store(lanes);
     float out = 0.0f;
@@ -162,62 +167,89 @@ struct BlockMax {
 #endif
 };
 
-// A block's codes from its new values x[0, len) (in the stack buffer) and the factor s = cmax^2 / A.
+// A block's codes from its new values x[0, len) (in the stack buffer; for exp_avg_sq its square
+// roots u) and the factor s = cmax^2 / A.  Every vector build settles quant::quant_level's c (the
+// integer with (c - 1/2)^2 <= v < (c + 1/2)^2) with one comparison: from an estimate e of sqrt(v)
+// with |e - sqrt(v)| < kLevelSlack, y = e + 1/2 - kLevelSlack lies in (sqrt(v) - 1/2, sqrt(v) + 1/2)
+// with a margin of at least 0.03 at the upper end (far above y's fp32 rounding), so c0 = floor(y)
+// is c or c - 1, and c0 >= 0; then c = c0 + [v >= (c0 + 1/2)^2], the threshold c0^2 + (c0 + 1/4)
+// exact in fp32 (c0 <= 255).  (The scalar code settles from a rounded sqrt with two comparisons.)
+constexpr float kLevelSlack = 0.125f;  // > the estimates' worst error, 255 * 1.5 * 2^-12 = 0.094 (AVX2 rsqrt)
 #if defined(CPU_CAPABILITY_AVX512)
-// The steps of quant_levels (below, for the other builds) on mask registers (ATen's Vectorized
-// comparisons and blends expand masks into vectors and back); 16 values per iteration, the last masked.
+// On mask registers (ATen's Vectorized comparisons and blends expand masks into vectors and back);
+// 16 values per call.  rsqrt14 (14 bits) keeps the divider free for the update's sqrt and division.
 template <bool kSq>
-C10_ALWAYS_INLINE __m512i level_codes16(__m512 x, __m512 s) {
+C10_ALWAYS_INLINE __m512i level_codes16(__m512 x, __m512 s, std::false_type /*finite*/) {
   constexpr int cmax = kSq ? quant::kUnsignedMax : quant::kSignedMax;
-  const __m512 half = _mm512_set1_ps(0.5f), one = _mm512_set1_ps(1.0f);
-  const __m512 mag = kSq ? _mm512_sqrt_ps(x) : _mm512_abs_ps(x);
+  const __m512 zero = _mm512_setzero_ps(), one = _mm512_set1_ps(1.0f);
+  const __m512 mag = kSq ? x : _mm512_abs_ps(x);  // u = sqrt(n) >= 0 (or NaN)
   const __m512 v = _mm512_min_ps(_mm512_mul_ps(mag, s), _mm512_set1_ps(static_cast<float>(cmax * cmax)));
-  // rsqrt14 of a floor, not of v: 0 or a subnormal v would give inf (then c is 0 or -1, settled below).
+  // rsqrt14 of a floor, not of v: 0 or a subnormal v would give inf, and 0 * inf is NaN.
   const __m512 r = _mm512_rsqrt14_ps(_mm512_max_ps(v, _mm512_set1_ps(1e-30f)));
-  __m512 c = _mm512_roundscale_ps(_mm512_fmadd_ps(v, r, half), _MM_FROUND_TO_NEG_INF);
-  const __m512 t = _mm512_sub_ps(c, half);
-  const __m512 lo = _mm512_mul_ps(t, t);
-  const __m512 hi = _mm512_add_ps(lo, _mm512_add_ps(c, c));
-  c = _mm512_mask_sub_ps(c, _mm512_cmp_ps_mask(v, lo, _CMP_LT_OQ), c, one);
-  c = _mm512_mask_add_ps(c, _mm512_cmp_ps_mask(v, hi, _CMP_GE_OQ), c, one);
-  __m512i ci = _mm512_cvttps_epi32(_mm512_max_ps(c, _mm512_setzero_ps()));
+  const __m512 c0 = _mm512_roundscale_ps(_mm512_fmadd_ps(v, r, _mm512_set1_ps(0.5f - kLevelSlack)),
+                                         _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+  const __m512 hi = _mm512_fmadd_ps(c0, c0, _mm512_add_ps(c0, _mm512_set1_ps(0.25f)));
+  __m512 c = _mm512_mask_add_ps(c0, _mm512_cmp_ps_mask(v, hi, _CMP_GE_OQ), c0, one);
   if constexpr (kSq) {  // a positive n gets code 1 at least
-    ci = _mm512_max_epi32(ci, _mm512_maskz_set1_epi32(_mm512_cmp_ps_mask(x, _mm512_setzero_ps(), _CMP_GT_OQ), 1));
-  } else {  // x's sign (a NaN: +cmax)
-    ci = _mm512_mask_sub_epi32(ci, _mm512_cmp_ps_mask(x, _mm512_setzero_ps(), _CMP_LT_OQ), _mm512_setzero_si512(), ci);
+    c = _mm512_mask_max_ps(c, _mm512_cmp_ps_mask(x, zero, _CMP_GT_OQ), c, one);
+    return _mm512_cvttps_epi32(c);
+  } else {  // x's sign (a NaN, whatever its sign bit: +cmax)
+    const __m512i ci = _mm512_cvttps_epi32(c);
+    return _mm512_mask_sub_epi32(ci, _mm512_cmp_ps_mask(x, zero, _CMP_LT_OQ), _mm512_setzero_si512(), ci);
   }
-  return ci;
 }
-template <bool kSq, typename Q>
+// The same codes for a block whose values are all finite (BlockMax::finite), the common case, in
+// fewer instructions: v = |x| * s is then finite and at most cmax^2 (1 + 2^-22), whose level is still
+// cmax, so no clamp; v = 0 gives rsqrt14 = inf and a NaN c, and a NaN (or the inf that a subnormal v
+// may give) converts to the integer 0x80000000, whose low byte, the stored code, is 0, v's level
+// (and max(NaN, 1) is 1 for exp_avg_sq); and the sign is copied from x, which is never NaN here.
+template <bool kSq>
+C10_ALWAYS_INLINE __m512i level_codes16(__m512 x, __m512 s, std::true_type /*finite*/) {
+  const __m512 mag = kSq ? x : _mm512_abs_ps(x);
+  const __m512 v = _mm512_mul_ps(mag, s);
+  const __m512 c0 = _mm512_roundscale_ps(_mm512_fmadd_ps(v, _mm512_rsqrt14_ps(v), _mm512_set1_ps(0.5f - kLevelSlack)),
+                                         _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+  const __m512 hi = _mm512_fmadd_ps(c0, c0, _mm512_add_ps(c0, _mm512_set1_ps(0.25f)));
+  __m512 c = _mm512_mask_add_ps(c0, _mm512_cmp_ps_mask(v, hi, _CMP_GE_OQ), c0, _mm512_set1_ps(1.0f));
+  if constexpr (kSq) {
+    c = _mm512_mask_max_ps(c, _mm512_cmp_ps_mask(x, _mm512_setzero_ps(), _CMP_GT_OQ), c, _mm512_set1_ps(1.0f));
+  } else {  // c | (x & sign bit)
+    c = _mm512_castsi512_ps(_mm512_ternarylogic_epi32(_mm512_castps_si512(c), _mm512_castps_si512(x),
+                                                      _mm512_set1_epi32(INT32_MIN), 0xF8));
+  }
+  return _mm512_cvttps_epi32(c);
+}
+template <bool kSq, bool kFinite, typename Q>
 C10_ALWAYS_INLINE void quantize_run(const float* x, int64_t len, float s, Q* q) {
   const __m512 vs = _mm512_set1_ps(s);
+  const std::integral_constant<bool, kFinite> finite;
   int64_t j = 0;
   for (; j + kW <= len; j += kW) {
-    const __m128i codes = _mm512_cvtepi32_epi8(level_codes16<kSq>(_mm512_loadu_ps(x + j), vs));
+    const __m128i codes = _mm512_cvtepi32_epi8(level_codes16<kSq>(_mm512_loadu_ps(x + j), vs, finite));
     _mm_storeu_si128(reinterpret_cast<__m128i*>(q + j), codes);
   }
   if (j < len) {
     const __mmask16 m = static_cast<__mmask16>((1u << (len - j)) - 1);
-    _mm_mask_storeu_epi8(q + j, m, _mm512_cvtepi32_epi8(level_codes16<kSq>(_mm512_maskz_loadu_ps(m, x + j), vs)));
+    _mm_mask_storeu_epi8(q + j, m, _mm512_cvtepi32_epi8(level_codes16<kSq>(_mm512_maskz_loadu_ps(m, x + j), vs, finite)));
   }
 }
-inline void quantize_signed_run(const float* x, int64_t len, float s, int8_t* q) { quantize_run<false>(x, len, s, q); }
-inline void quantize_sq_run(const float* n, int64_t len, float s, uint8_t* q) { quantize_run<true>(n, len, s, q); }
+inline void quantize_signed_run(const float* x, int64_t len, float s, int8_t* q, bool finite) {
+  finite ? quantize_run<false, true>(x, len, s, q) : quantize_run<false, false>(x, len, s, q);
+}
+inline void quantize_sq_run(const float* u, int64_t len, float s, uint8_t* q, bool finite) {
+  finite ? quantize_run<true, true>(u, len, s, q) : quantize_run<true, false>(u, len, s, q);
+}
 #else
-// quant::quant_level on a vector, without a square root on the divider: v = min(m * s, cmax^2) (NaN:
-// cmax^2), c0 = floor(sqrt_estimate(v) + 0.5) is the exact level or one off, and the level's
-// thresholds (c - 1/2)^2 and (c + 1/2)^2 (exact in fp32) settle it.  Returns the level as a float.
+// quant::quant_level on a vector: v = min(m * s, cmax^2) (NaN: cmax^2), then the settling above.
+// Returns the level as a float.
 C10_ALWAYS_INLINE fVec quant_levels(const fVec& magnitude, const fVec& s, const fVec& cmax_sq) {
-  const fVec half(0.5f), one(1.0f), zero(0.0f);
   const fVec v = min_or_top(magnitude * s, cmax_sq);
-  fVec c = (sqrt_estimate(v) + half).floor();
-  const fVec lo = (c - half) * (c - half);
-  const fVec hi = lo + c + c;
-  c = c - ((v < lo) & one) + ((v >= hi) & one);
-  return at::vec::maximum(c, zero);  // c0 = 0 with v < 1/4 stays 0
+  const fVec c0 = (sqrt_estimate(v) + fVec(0.5f - kLevelSlack)).floor();
+  const fVec hi = c0 * c0 + (c0 + fVec(0.25f));
+  return c0 + ((v >= hi) & fVec(1.0f));
 }
 
-inline void quantize_signed_run(const float* x, int64_t len, float s, int8_t* q) {
+inline void quantize_signed_run(const float* x, int64_t len, float s, int8_t* q, bool /*finite*/) {
   const fVec vs(s), top(static_cast<float>(quant::kSignedMax * quant::kSignedMax)), zero(0.0f), sign_bit(-0.0f);
   for (int64_t j = 0; j < len; j += 2 * kW) {
     const int64_t cnt = std::min<int64_t>(2 * kW, len - j);
@@ -229,14 +261,14 @@ inline void quantize_signed_run(const float* x, int64_t len, float s, int8_t* q)
     store_codes(q + j, cnt, c0, c1);
   }
 }
-inline void quantize_sq_run(const float* n, int64_t len, float s, uint8_t* q) {
+inline void quantize_sq_run(const float* u, int64_t len, float s, uint8_t* q, bool /*finite*/) {
   const fVec vs(s), top(static_cast<float>(quant::kUnsignedMax * quant::kUnsignedMax)), zero(0.0f), one(1.0f);
   for (int64_t j = 0; j < len; j += 2 * kW) {
     const int64_t cnt = std::min<int64_t>(2 * kW, len - j);
     fVec x0, x1;
-    Io<float>::load(n + j, cnt, x0, x1);
-    // The level of sqrt(n); a positive n gets code 1 at least.
-    fVec c0 = quant_levels(x0.sqrt(), vs, top), c1 = quant_levels(x1.sqrt(), vs, top);
+    Io<float>::load(u + j, cnt, x0, x1);
+    // The level of u = sqrt(n); a positive n gets code 1 at least.
+    fVec c0 = quant_levels(x0, vs, top), c1 = quant_levels(x1, vs, top);
     c0 = at::vec::maximum(c0, (x0 > zero) & one), c1 = at::vec::maximum(c1, (x1 > zero) & one);
     store_codes(q + j, cnt, c0, c1);
   }
@@ -245,7 +277,10 @@ inline void quantize_sq_run(const float* n, int64_t len, float s, uint8_t* q) {
 
 // 8-bit states, per quantization block: the update runs on the dequantized codes (straight from
 // memory, in registers), keeps each state's new block maximum on the way, and parks the new values in
-// a 4 KiB stack buffer; then the block is requantized from the buffer with the new scales.
+// a 4 KiB stack buffer (exp_avg_sq as the sqrt(n) the update computed: what its code stands for);
+// then the block is requantized from the buffer with the new scales.  (Writing a block's codes
+// while the next block updates, to overlap the quantizers with the update's divider, measured no
+// faster on Zen 4: the step is bound by its vector instructions, not by the divider's latency.)
 // [begin, end) starts on a block.
 template <typename P, bool kFirst>
 void update_range_q8_t(const CpuTensor& t, int64_t begin, int64_t end, const AdanCoeffs& coeffs) {
@@ -285,11 +320,10 @@ void update_range_q8_t(const CpuTensor& t, int64_t begin, int64_t end, const Ada
       }
       opaque(m0), opaque(m1), opaque(n0), opaque(n1), opaque(d0), opaque(d1);
       if constexpr (!kFirst) opaque(e0), opaque(e1);
-      adan_update(p0, g0, m0, n0, d0, e0, c, kFirst);
-      adan_update(p1, g1, m1, n1, d1, e1, c, kFirst);
+      n0 = adan_update(p0, g0, m0, n0, d0, e0, c, kFirst);  // n0, n1 now hold sqrt(n)
+      n1 = adan_update(p1, g1, m1, n1, d1, e1, c, kFirst);
       ParamIo<P>::store(p + i, comp ? comp + i : nullptr, cnt, p0, p1);
       if (cnt < 2 * kW) {  // lanes past the tensor's end must not count in the maxima
-        const fVec zero(0.0f);
         float* dst[4] = {buf[0] + j, buf[1] + j, buf[2] + j, buf[3] + j};
         Io<float>::store(dst[0], cnt, m0, m1), Io<float>::store(dst[1], cnt, n0, n1);
         Io<float>::store(dst[2], cnt, d0, d1), Io<float>::store(dst[3], cnt, e0, e1);
@@ -301,12 +335,13 @@ void update_range_q8_t(const CpuTensor& t, int64_t begin, int64_t end, const Ada
       }
       am.add(m0), am.add(m1), an.add(n0), an.add(n1), ad.add(d0), ad.add(d1), ae.add(e0), ae.add(e1);
     }
-    const float absmax[4] = {am.get(buf[0], len), q_sqrt(an.get(buf[1], len)),  // max sqrt(n) = sqrt(max n)
-                             ad.get(buf[2], len), ae.get(buf[3], len)};
-    quantize_signed_run(buf[0], len, quant_factor(absmax[0], kSignedMax), qm + b0);
-    quantize_sq_run(buf[1], len, quant_factor(absmax[1], kUnsignedMax), qn + b0);
-    quantize_signed_run(buf[2], len, quant_factor(absmax[2], kSignedMax), qd + b0);
-    quantize_signed_run(buf[3], len, quant_factor(absmax[3], kSignedMax), qe + b0);
+    bool finite[4];
+    const float absmax[4] = {am.get(buf[0], len, finite[0]), an.get(buf[1], len, finite[1]),
+                             ad.get(buf[2], len, finite[2]), ae.get(buf[3], len, finite[3])};
+    quantize_signed_run(buf[0], len, quant_factor(absmax[0], kSignedMax), qm + b0, finite[0]);
+    quantize_sq_run(buf[1], len, quant_factor(absmax[1], kUnsignedMax), qn + b0, finite[1]);
+    quantize_signed_run(buf[2], len, quant_factor(absmax[2], kSignedMax), qd + b0, finite[2]);
+    quantize_signed_run(buf[3], len, quant_factor(absmax[3], kSignedMax), qe + b0, finite[3]);
     for (int k = 0; k < 4; ++k) t.scale[k][blk] = absmax[k];
   }
 }

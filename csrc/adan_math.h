@@ -65,9 +65,11 @@ C10_HOST_DEVICE C10_ALWAYS_INLINE T adan_lerp(const T& start, const T& end, floa
 // The raw gradient is only read.  On a CPU core the step is bound by the
 // divider, not by memory, so the two momentum terms share one division and
 // the bias correction and proximal decay are multiplications by reciprocals
-// computed once per call in double.
+// computed once per call in double.  Returns sqrt(n) of the new n, which the
+// 8-bit exp_avg_sq quantizer needs too (its code stands for sqrt(n)): the CPU
+// loop keeps it instead of taking the same square root again.
 template <typename T>
-C10_HOST_DEVICE C10_ALWAYS_INLINE void adan_update(T& p, const T& g_raw, T& m, T& n, T& d, T& neg,
+C10_HOST_DEVICE C10_ALWAYS_INLINE T adan_update(T& p, const T& g_raw, T& m, T& n, T& d, T& neg,
                                                    const AdanCoeffs& c, bool first) {
   const T g = g_raw * T(c.grad_mul);
   const T diff = first ? T(0.0f) : g + neg;
@@ -75,11 +77,13 @@ C10_HOST_DEVICE C10_ALWAYS_INLINE void adan_update(T& p, const T& g_raw, T& m, T
   d = adan_lerp(d, diff, c.w2);
   const T u = diff * T(c.beta2) + g;
   n = n * T(c.beta3) + T(c.w3) * (u * u);
-  const T denom = adan_sqrt(n) * T(c.inv_bc3_sqrt) + T(c.eps);
+  const T sqrt_n = adan_sqrt(n);
+  const T denom = sqrt_n * T(c.inv_bc3_sqrt) + T(c.eps);
   p = p * T(c.decay_mul);
   p = p - (T(c.step_size) * m + T(c.step_size_diff) * d) / denom;
   p = p * T(c.inv_decay_div);
   neg = T(0.0f) - g;
+  return sqrt_n;
 }
 
 }  // namespace adan_plugin

@@ -83,6 +83,21 @@ def test_nonfinite_values_keep_their_blocks_scale_visible(kernel):
     assert np.isnan(scales[0].numpy()[:3]).all() and np.isinf(scales[3].numpy()[1:3]).all()
 
 
+def test_kernel_quantizer_on_subnormal_and_huge_finite_values(kernel_or_triton):
+    # The AVX-512 build quantizes a block whose values are all finite with a shorter sequence (no clamp;
+    # v = 0 and subnormal v reach code 0 through a NaN or inf estimate), chosen by a per-block sum that is
+    # non-finite for a NaN or Inf, and also when finite values sum past fp32's range (then the exact
+    # sequence runs).  Block 0: subnormal values scaled by s = cmax^2 / 1e4 to subnormal v, the smallest
+    # subnormal, zeros of both signs; block 1: values near fp32's largest, whose sum overflows; block 2:
+    # tiny normal values beside 1.0.  Codes and scales must be the spec's, bit for bit.
+    tiny = np.float32(1e-39)
+    b0 = np.array([1e4, tiny, -tiny, 2 * tiny, np.float32(1.4e-45), -np.float32(1.4e-45), 0.0, -0.0] * 32, np.float32)
+    b1 = np.tile(np.array([3.0e38, -3.0e38, 1.7e38, 1.0, -1e-30, 0.0, 2.9e38, -2.5e38], np.float32), 32)
+    b2 = np.tile(np.array([1.0, 1e-37, -1e-37, 1e-20, 3e-8, -0.5, 0.25, 0.0], np.float32), 32)
+    g = torch.from_numpy(np.concatenate([b0, b1, b2]))
+    _step_from_zero_states_is_the_spec(g)
+
+
 def _at_thresholds(cmax):
     # In one block: cmax^2 (the block's maximum, so that s = cmax^2 / A = 1 and v = |x| exactly), then every
     # level threshold (j - 1/2)^2 and its two fp32 neighbours, with both signs; zeros fill the rest.
