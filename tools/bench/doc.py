@@ -112,16 +112,23 @@ variant in different seconds, and load that comes and goes (other processes, oth
 lands on one more than the other; two steps back to back see the same load.
 
 Why the 8-bit-state target (≤ 1.0× `AdamW(fused=True)`) is not met on the AMD EPYC (Zen 4) machine: there
-the 8-bit step is bound by arithmetic, not memory.  It moves 20 B per parameter against AdamW's 28, but
-each element is dequantized (four states), updated (a square root and a division), its block maxima
-tracked and requantized (a rsqrt estimate settled against exact level thresholds, csrc/README.md): about
-180 vector instructions per 16 elements in the compiled AVX-512 loop, which Zen 4 executes as twice as many 256-bit halves.  Measured
-in L2 on one core (compute only, ns per element): 8-bit state 2.0, bf16 state 0.55, torch's fused AdamW
-0.43; the 8-bit step cannot stream faster than its arithmetic, whatever the bandwidth.  The rewrite of
-this kernel (quantizer without square roots on the divider, dequantizing in registers, maxima during the
-update) took it from 4.3× to about 1.7× AdamW on ResNet-50 shapes.  On a CPU with full-width AVX-512
-units and half this machine's memory bandwidth (the Intel Xeon the issue quotes: AdamW 26.5 ms per
-ResNet-50 step, 2.5× slower than here) the balance shifts towards memory; no run there exists yet.
+the 8-bit step is bound by its vector instructions, not by memory.  It moves 20 B per parameter against
+AdamW's 28, but each element is dequantized (four states), updated (a square root and a division), its
+block maxima tracked and requantized (an rsqrt estimate settled against exact level thresholds,
+csrc/README.md): about 110 512-bit instructions per 16 elements, and Zen 4, which splits each into two
+256-bit halves, sustained about 1.5 of them per cycle in every mix we timed (its multiply/FMA/compare and
+its add/convert/round pipes each take one 512-bit instruction per cycle).  Measured in L2 on one core
+(compute only; the op called on 65536 elements, ns per element): 8-bit state 1.53, bf16 state 0.66, torch's
+fused AdamW 0.46; the 8-bit step cannot stream faster than its arithmetic, whatever the bandwidth.  The
+first rewrite of this kernel (quantizer without square roots on the divider, dequantizing in registers,
+maxima during the update) took it from 4.3× to about 1.7× AdamW on ResNet-50 shapes; the second (2.04 →
+1.53 ns per element: the update's own sqrt(n) reused for exp_avg_sq's code, one comparison per level
+instead of two, and a shorter quantizer for blocks whose values are all finite) to 1.2–1.4× on ResNet-50
+and ViT-B/16 shapes.  Tried and dropped, each measured no faster: software prefetch one to eight blocks
+ahead, writing a block's codes while the next block updates (to overlap the divider), and 256-bit
+vectors.  On a CPU with full-width AVX-512 units and half this machine's memory bandwidth (the Intel
+Xeon the issue quotes: AdamW 26.5 ms per ResNet-50 step, 2.5× slower than here) the balance shifts
+towards memory; no run there exists yet.
 
 Why the CPU target "ours fused ≥ 6× faster than timm's Adan foreach" (ResNet-50 shapes, fp32) is out of
 reach: on these model sizes the steps are bound by memory bandwidth, not by arithmetic (ours fused runs at
