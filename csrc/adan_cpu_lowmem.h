@@ -178,6 +178,13 @@ constexpr float kLevelSlack = 0.125f;  // > the estimates' worst error, 255 * 1.
 #if defined(CPU_CAPABILITY_AVX512)
 // On mask registers (ATen's Vectorized comparisons and blends expand masks into vectors and back);
 // 16 values per call.  rsqrt14 (14 bits) keeps the divider free for the update's sqrt and division.
+// settle_level: c from v and r = rsqrt14 of v (or of a floor of v), the settling above.
+C10_ALWAYS_INLINE __m512 settle_level(__m512 v, __m512 r) {
+  const __m512 c0 = _mm512_roundscale_ps(_mm512_fmadd_ps(v, r, _mm512_set1_ps(0.5f - kLevelSlack)),
+                                         _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+  const __m512 hi = _mm512_fmadd_ps(c0, c0, _mm512_add_ps(c0, _mm512_set1_ps(0.25f)));
+  return _mm512_mask_add_ps(c0, _mm512_cmp_ps_mask(v, hi, _CMP_GE_OQ), c0, _mm512_set1_ps(1.0f));
+}
 template <bool kSq>
 C10_ALWAYS_INLINE __m512i level_codes16(__m512 x, __m512 s, std::false_type /*finite*/) {
   constexpr int cmax = kSq ? quant::kUnsignedMax : quant::kSignedMax;
@@ -185,11 +192,7 @@ C10_ALWAYS_INLINE __m512i level_codes16(__m512 x, __m512 s, std::false_type /*fi
   const __m512 mag = kSq ? x : _mm512_abs_ps(x);  // u = sqrt(n) >= 0 (or NaN)
   const __m512 v = _mm512_min_ps(_mm512_mul_ps(mag, s), _mm512_set1_ps(static_cast<float>(cmax * cmax)));
   // rsqrt14 of a floor, not of v: 0 or a subnormal v would give inf, and 0 * inf is NaN.
-  const __m512 r = _mm512_rsqrt14_ps(_mm512_max_ps(v, _mm512_set1_ps(1e-30f)));
-  const __m512 c0 = _mm512_roundscale_ps(_mm512_fmadd_ps(v, r, _mm512_set1_ps(0.5f - kLevelSlack)),
-                                         _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
-  const __m512 hi = _mm512_fmadd_ps(c0, c0, _mm512_add_ps(c0, _mm512_set1_ps(0.25f)));
-  __m512 c = _mm512_mask_add_ps(c0, _mm512_cmp_ps_mask(v, hi, _CMP_GE_OQ), c0, one);
+  __m512 c = settle_level(v, _mm512_rsqrt14_ps(_mm512_max_ps(v, _mm512_set1_ps(1e-30f))));
   if constexpr (kSq) {  // a positive n gets code 1 at least
     c = _mm512_mask_max_ps(c, _mm512_cmp_ps_mask(x, zero, _CMP_GT_OQ), c, one);
     return _mm512_cvttps_epi32(c);
@@ -207,10 +210,7 @@ template <bool kSq>
 C10_ALWAYS_INLINE __m512i level_codes16(__m512 x, __m512 s, std::true_type /*finite*/) {
   const __m512 mag = kSq ? x : _mm512_abs_ps(x);
   const __m512 v = _mm512_mul_ps(mag, s);
-  const __m512 c0 = _mm512_roundscale_ps(_mm512_fmadd_ps(v, _mm512_rsqrt14_ps(v), _mm512_set1_ps(0.5f - kLevelSlack)),
-                                         _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
-  const __m512 hi = _mm512_fmadd_ps(c0, c0, _mm512_add_ps(c0, _mm512_set1_ps(0.25f)));
-  __m512 c = _mm512_mask_add_ps(c0, _mm512_cmp_ps_mask(v, hi, _CMP_GE_OQ), c0, _mm512_set1_ps(1.0f));
+  __m512 c = settle_level(v, _mm512_rsqrt14_ps(v));
   if constexpr (kSq) {
     c = _mm512_mask_max_ps(c, _mm512_cmp_ps_mask(x, _mm512_setzero_ps(), _CMP_GT_OQ), c, _mm512_set1_ps(1.0f));
   } else {  // c | (x & sign bit)
