@@ -100,7 +100,8 @@ def select_fused_backend(device: torch.device, requested: Optional[str] = None,
     (never for CPU tensors: there only an explicit ``"triton"`` runs them, in Triton's interpreter).
     ``state_dtype`` is the group's: for ``"8bit"`` on a GPU Triton comes first, since its tiles of
     quantization blocks (block maxima by row reductions) ran 37x faster on an H100 than the CUDA kernel's
-    one-thread-per-block code (docs/benchmarks.md, GPT-2 1.3B: 16.7 vs 621 ms).
+    former one-thread-per-block code (docs/benchmarks.md, GPT-2 1.3B: 16.7 vs 621 ms); the CUDA kernel's
+    warp-per-block rewrite has not been timed on a GPU yet, so the choice stands until it is.
     ``triton_lacks`` names the enabled options the Triton kernels do not implement."""
     if requested in ("cpu", "cuda"):
         if device.type != requested:

@@ -2,8 +2,9 @@
 // argument: written as host/device code so that adan_cuda.cu launches it on a
 // GPU and adan_cuda_on_cpu.cpp runs the very same code on the CPU (blocks and
 // threads as loops) for tests on machines without a GPU.  Threads of a block
-// touch disjoint elements and never synchronise, so any execution order gives
-// the GPU's result up to floating-point contraction.
+// touch disjoint elements and never synchronise (8-bit states: the lanes of a
+// warp only exchange their block maxima, which the host combines in a loop),
+// so any execution order gives the GPU's result up to floating-point contraction.
 #pragma once
 
 #include <ATen/Dispatch.h>
@@ -88,64 +89,123 @@ C10_HOST_DEVICE C10_ALWAYS_INLINE float max_nan(float acc, float v) { return (v 
 
 static_assert(kLaunchChunk % quant::kQBlock == 0, "a CUDA block's chunk holds whole quantization blocks");
 
-// The fp32 update of element i of an 8-bit-state tensor; k: the four states' dequantization factors.
-struct Q8Element {
-  float p, m, n, d, neg;
+// 8-bit states.  A block's scale needs all its new values, so one warp owns each quantization block:
+// lane l updates elements l, l + 32, ..., l + 224 of it (each of the warp's loads is 32 consecutive
+// elements), keeps the new values in registers, and the warp combines the lanes' maxima by shuffles
+// before each lane quantizes its own elements.  One pass: every element is read, updated and written
+// once.  On the host (adan_cuda_on_cpu.cpp, the tests) a call from lane 0 runs its warp's 32 lanes
+// one after another with the same per-lane code and combines their maxima in a loop: max_nan's result
+// does not depend on the order, so the host writes what the GPU writes.
+constexpr int kWarp = 32;
+constexpr int kLaneElems = quant::kQBlock / kWarp;  // elements per lane and quantization block
+static_assert(kThreads % kWarp == 0, "a CUDA block is whole warps");
+
+template <typename P>
+struct Q8Tensor {
+  P* p;
+  const P* g;
+  int8_t* m;
+  uint8_t* n;
+  int8_t* d;
+  int8_t* neg;
+  P* comp;       // kahan_sum, else nullptr
+  float* sc[4];  // per-quantization-block scales of m, n, d, neg
+};
+
+// One lane's elements of a quantization block after the update (u = sqrt(n), what exp_avg_sq's code
+// stands for), and their largest magnitudes per state (0 when the lane has no element).
+struct Q8Lane {
+  float p[kLaneElems], m[kLaneElems], u[kLaneElems], d[kLaneElems], neg[kLaneElems];
+  float max[4];
 };
 
 template <typename P>
-C10_HOST_DEVICE C10_ALWAYS_INLINE Q8Element q8_update(const P* p, const P* comp, const P* g, const int8_t* m,
-                                                      const uint8_t* nn, const int8_t* d, const int8_t* neg,
-                                                      const float (&k)[4], int64_t i, const AdanCoeffs& c,
-                                                      bool first) {
+C10_HOST_DEVICE C10_ALWAYS_INLINE void q8_lane_update(const Q8Tensor<P>& t, int64_t b0, int64_t len, int lane,
+                                                      const float (&k)[4], const AdanCoeffs& c, bool first,
+                                                      Q8Lane& out) {
   using namespace quant;
-  Q8Element e{load_param(p[i], comp, i), dequantize_signed(m[i], k[0]), dequantize_sq(nn[i], k[1]),
-              dequantize_signed(d[i], k[2]), dequantize_signed(neg[i], k[3])};
-  adan_update(e.p, static_cast<float>(g[i]), e.m, e.n, e.d, e.neg, c, first);
-  return e;
+  for (int s = 0; s < 4; ++s) out.max[s] = 0.0f;
+#ifdef __CUDACC__
+#pragma unroll
+#endif
+  for (int j = 0; j < kLaneElems; ++j) {
+    const int64_t r = lane + kWarp * j;
+    if (r >= len) break;
+    const int64_t i = b0 + r;
+    float p = load_param(t.p[i], t.comp, i), m = dequantize_signed(t.m[i], k[0]), n = dequantize_sq(t.n[i], k[1]),
+          d = dequantize_signed(t.d[i], k[2]), neg = dequantize_signed(t.neg[i], k[3]);
+    const float u = adan_update(p, static_cast<float>(t.g[i]), m, n, d, neg, c, first);
+    out.p[j] = p, out.m[j] = m, out.u[j] = u, out.d[j] = d, out.neg[j] = neg;
+    // max sqrt(n) = sqrt(max n): the scale of exp_avg_sq, as the spec takes it
+    out.max[0] = max_nan(out.max[0], ::fabsf(m)), out.max[1] = max_nan(out.max[1], u);
+    out.max[2] = max_nan(out.max[2], ::fabsf(d)), out.max[3] = max_nan(out.max[3], ::fabsf(neg));
+  }
 }
 
-// 8-bit states.  One thread owns whole quantization blocks (a block's scale
-// needs all its new values), so threads still touch disjoint memory and never
-// synchronise, and the CPU run of this code stays exact.  Pass 1 computes the
-// block's new largest magnitudes without writing; pass 2 recomputes the very
-// same update (same code, same inputs) and writes it quantized.  The second
-// read of the block mostly hits the caches; no per-thread buffer is needed.
+// s: the block's quantization factors (quant_factor of its maxima).
 template <typename P>
-C10_HOST_DEVICE ADAN_BLOCK_INLINE void adan_block_q8(const TensorBatch& batch, int t, int64_t start, int64_t n,
+C10_HOST_DEVICE C10_ALWAYS_INLINE void q8_lane_store(const Q8Tensor<P>& t, int64_t b0, int64_t len, int lane,
+                                                     const float (&s)[4], const Q8Lane& in) {
+  using namespace quant;
+#ifdef __CUDACC__
+#pragma unroll
+#endif
+  for (int j = 0; j < kLaneElems; ++j) {
+    const int64_t r = lane + kWarp * j;
+    if (r >= len) break;
+    const int64_t i = b0 + r;
+    store_param(in.p[j], t.p[i], t.comp, i);
+    t.m[i] = quantize_signed(in.m[j], s[0]), t.n[i] = quantize_sq_root(in.u[j], s[1]);
+    t.d[i] = quantize_signed(in.d[j], s[2]), t.neg[i] = quantize_signed(in.neg[j], s[3]);
+  }
+}
+
+template <typename P>
+C10_HOST_DEVICE ADAN_BLOCK_INLINE void adan_block_q8(const TensorBatch& batch, int tensor, int64_t start, int64_t n,
                                                      const AdanCoeffs& c, bool first, int thread, int nthreads) {
   using namespace quant;
-  P* p = static_cast<P*>(batch.ptr[0][t]) + start;
-  const P* g = static_cast<const P*>(batch.ptr[1][t]) + start;
-  int8_t* m = static_cast<int8_t*>(batch.ptr[2][t]) + start;
-  uint8_t* nn = static_cast<uint8_t*>(batch.ptr[3][t]) + start;
-  int8_t* d = static_cast<int8_t*>(batch.ptr[4][t]) + start;
-  int8_t* neg = static_cast<int8_t*>(batch.ptr[5][t]) + start;
-  P* comp = batch.comp[t] != nullptr ? static_cast<P*>(batch.comp[t]) + start : nullptr;
-  float* sc[4];
-  for (int k = 0; k < 4; ++k) sc[k] = batch.scale[k][t] + start / kQBlock;
+#ifdef __CUDA_ARCH__
+  constexpr int kLanesHere = 1;  // this thread is one lane
+  const int lane0 = thread % kWarp;
+#else
+  constexpr int kLanesHere = kWarp;  // the whole warp, from its lane 0
+  if (thread % kWarp != 0) return;
+  const int lane0 = 0;
+#endif
+  Q8Tensor<P> t{static_cast<P*>(batch.ptr[0][tensor]) + start,
+                static_cast<const P*>(batch.ptr[1][tensor]) + start,
+                static_cast<int8_t*>(batch.ptr[2][tensor]) + start,
+                static_cast<uint8_t*>(batch.ptr[3][tensor]) + start,
+                static_cast<int8_t*>(batch.ptr[4][tensor]) + start,
+                static_cast<int8_t*>(batch.ptr[5][tensor]) + start,
+                batch.comp[tensor] != nullptr ? static_cast<P*>(batch.comp[tensor]) + start : nullptr,
+                {}};
+  for (int s = 0; s < 4; ++s) t.sc[s] = batch.scale[s][tensor] + start / kQBlock;
   const int64_t nblocks = (n + kQBlock - 1) / kQBlock;
-  for (int64_t b = thread; b < nblocks; b += nthreads) {
+  for (int64_t b = thread / kWarp; b < nblocks; b += nthreads / kWarp) {  // the same b for a warp's lanes
     const int64_t b0 = b * kQBlock;
     const int64_t len = n - b0 < kQBlock ? n - b0 : kQBlock;
-    const float k[4] = {dequant_factor(sc[0][b], kSignedMax), dequant_factor(sc[1][b], kUnsignedMax),
-                        dequant_factor(sc[2][b], kSignedMax), dequant_factor(sc[3][b], kSignedMax)};
-    float am = 0.0f, an = 0.0f, ad = 0.0f, ae = 0.0f;
-    for (int64_t i = b0; i < b0 + len; ++i) {
-      const Q8Element e = q8_update(p, comp, g, m, nn, d, neg, k, i, c, first);
-      am = max_nan(am, ::fabsf(e.m)), an = max_nan(an, e.n), ad = max_nan(ad, ::fabsf(e.d)),
-      ae = max_nan(ae, ::fabsf(e.neg));
+    const float k[4] = {dequant_factor(t.sc[0][b], kSignedMax), dequant_factor(t.sc[1][b], kUnsignedMax),
+                        dequant_factor(t.sc[2][b], kSignedMax), dequant_factor(t.sc[3][b], kSignedMax)};
+    Q8Lane lanes[kLanesHere];
+    float mx[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+    for (int l = 0; l < kLanesHere; ++l) {
+      q8_lane_update(t, b0, len, lane0 + l, k, c, first, lanes[l]);
+      for (int s = 0; s < 4; ++s) mx[s] = max_nan(mx[s], lanes[l].max[s]);
     }
-    an = q_sqrt(an);  // max sqrt(n) = sqrt(max n)
-    const float sm = quant_factor(am, kSignedMax), sn = quant_factor(an, kUnsignedMax),
-                sd = quant_factor(ad, kSignedMax), se = quant_factor(ae, kSignedMax);
-    for (int64_t i = b0; i < b0 + len; ++i) {
-      const Q8Element e = q8_update(p, comp, g, m, nn, d, neg, k, i, c, first);
-      store_param(e.p, p[i], comp, i);
-      m[i] = quantize_signed(e.m, sm), nn[i] = quantize_sq(e.n, sn), d[i] = quantize_signed(e.d, sd),
-      neg[i] = quantize_signed(e.neg, se);
+#ifdef __CUDA_ARCH__
+    // Every lane reaches this with the same b (a lane without elements brings zeros).
+#pragma unroll
+    for (int off = kWarp / 2; off > 0; off /= 2)
+#pragma unroll
+      for (int s = 0; s < 4; ++s) mx[s] = max_nan(mx[s], __shfl_xor_sync(0xffffffffu, mx[s], off));
+#endif
+    const float qs[4] = {quant_factor(mx[0], kSignedMax), quant_factor(mx[1], kUnsignedMax),
+                         quant_factor(mx[2], kSignedMax), quant_factor(mx[3], kSignedMax)};
+    for (int l = 0; l < kLanesHere; ++l) q8_lane_store(t, b0, len, lane0 + l, qs, lanes[l]);
+    if (lane0 == 0) {  // after the shuffles, so after every lane has read the old scales
+      for (int s = 0; s < 4; ++s) t.sc[s][b] = mx[s];
     }
-    sc[0][b] = am, sc[1][b] = an, sc[2][b] = ad, sc[3][b] = ae;
   }
 }
 

@@ -86,10 +86,10 @@ C10_HOST_DEVICE C10_ALWAYS_INLINE float dequantize_signed(int8_t code, float k) 
   return static_cast<float>(c < 0 ? -(c * c) : c * c) * k;
 }
 
-// n >= 0; its square root is what the code stands for.
-C10_HOST_DEVICE C10_ALWAYS_INLINE uint8_t quantize_sq(float n, float s) {
-  const int c = quant_level(q_sqrt(n), s, kUnsignedMax);
-  return static_cast<uint8_t>(c == 0 && n > 0.0f ? 1 : c);
+// u = sqrt(n) for n >= 0 (what the code stands for), as the update computed it.
+C10_HOST_DEVICE C10_ALWAYS_INLINE uint8_t quantize_sq_root(float u, float s) {
+  const int c = quant_level(u, s, kUnsignedMax);
+  return static_cast<uint8_t>(c == 0 && u > 0.0f ? 1 : c);  // u > 0 exactly when n > 0
 }
 
 C10_HOST_DEVICE C10_ALWAYS_INLINE float dequantize_sq(uint8_t code, float k) {

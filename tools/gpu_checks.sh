@@ -8,7 +8,8 @@
 #      FSDP2 + clipping without host sync (tests/test_distributed.py, one GPU);
 #   2. compute-sanitizer memcheck on a short run of the kernels (several dtypes,
 #      unaligned views, many tensors across launches, AMP skip, 8-bit states,
-#      Kahan buffers, the Triton kernels).
+#      Kahan buffers, the Triton kernels);
+#   3. compute-sanitizer synccheck on the 8-bit CUDA path (warp shuffles).
 # Every section runs even when an earlier one failed; the summary at the end
 # names each section's result and the exit status is non-zero if any failed
 # (a sanitizer that refuses the device is reported as such, not as a pass).
@@ -114,8 +115,37 @@ else
 fi
 fi
 
+echo "== compute-sanitizer synccheck, 8-bit states on the CUDA kernel (its warps exchange block maxima by shuffles)"
+if [ -z "$SANITIZER" ]; then
+    record synccheck "not run (compute-sanitizer not found)"
+else
+"$SANITIZER" --tool synccheck --error-exitcode 1 "$PY" - <<'EOF' 2>&1 | tee /tmp/adan_synccheck.log
+import torch
+from adan_plugin import Adan
+
+torch.manual_seed(0)
+for dtype, kahan in ((torch.float32, False), (torch.bfloat16, True)):
+    ps = [torch.nn.Parameter(torch.randn(n, device="cuda", dtype=dtype)) for n in (4100, 65536 * 2 + 999)]
+    opt = Adan(ps, fused=True, fused_backend="cuda", state_dtype="8bit", kahan_sum=kahan)
+    for it in range(2):
+        for p in ps:
+            p.grad = torch.randn_like(p)
+        opt.step()
+torch.cuda.synchronize()
+print("synccheck run finished")
+EOF
+status=${PIPESTATUS[0]}
+if grep -q "Device not supported\|error 999" /tmp/adan_synccheck.log && ! grep -q "synccheck run finished" /tmp/adan_synccheck.log; then
+    record synccheck "not run (compute-sanitizer refused the device)"
+elif [ "$status" -eq 0 ] && grep -q "ERROR SUMMARY: 0 errors" /tmp/adan_synccheck.log; then
+    record synccheck passed
+else
+    record synccheck "failed (exit $status)"
+fi
+fi
+
 echo "== summary"
-for name in tests memcheck; do
+for name in tests memcheck synccheck; do
     echo "$name: ${RESULT[$name]:-not run}"
 done
 if [ "$FAILED" -eq 0 ]; then

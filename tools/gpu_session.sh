@@ -48,7 +48,7 @@ stage_build() {
 }
 
 stage_checks() {
-    PY=$PY timeout 330 tools/gpu_checks.sh "$LOGDIR/gpu_checks.log" > /dev/null 2>&1
+    PY=$PY timeout 380 tools/gpu_checks.sh "$LOGDIR/gpu_checks.log" > /dev/null 2>&1
     echo "gpu_checks: exit $?" >> "$LOGDIR/gpu_checks.log"
 }
 
