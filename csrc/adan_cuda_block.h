@@ -119,19 +119,25 @@ struct Q8Lane {
   float max[4];
 };
 
+// Calls f(j, i) for the lane's elements i = b0 + lane + 32 j (j = 0, 1, ...) of a block of len elements.
+template <typename F>
+C10_HOST_DEVICE C10_ALWAYS_INLINE void for_lane_elements(int64_t b0, int64_t len, int lane, F&& f) {
+#ifdef __CUDACC__
+#pragma unroll
+#endif
+  for (int j = 0; j < kLaneElems; ++j) {
+    if (lane + kWarp * j >= len) break;
+    f(j, b0 + lane + kWarp * j);
+  }
+}
+
 template <typename P>
 C10_HOST_DEVICE C10_ALWAYS_INLINE void q8_lane_update(const Q8Tensor<P>& t, int64_t b0, int64_t len, int lane,
                                                       const float (&k)[4], const AdanCoeffs& c, bool first,
                                                       Q8Lane& out) {
   using namespace quant;
   for (int s = 0; s < 4; ++s) out.max[s] = 0.0f;
-#ifdef __CUDACC__
-#pragma unroll
-#endif
-  for (int j = 0; j < kLaneElems; ++j) {
-    const int64_t r = lane + kWarp * j;
-    if (r >= len) break;
-    const int64_t i = b0 + r;
+  for_lane_elements(b0, len, lane, [&](int j, int64_t i) {
     float p = load_param(t.p[i], t.comp, i), m = dequantize_signed(t.m[i], k[0]), n = dequantize_sq(t.n[i], k[1]),
           d = dequantize_signed(t.d[i], k[2]), neg = dequantize_signed(t.neg[i], k[3]);
     const float u = adan_update(p, static_cast<float>(t.g[i]), m, n, d, neg, c, first);
@@ -139,7 +145,7 @@ C10_HOST_DEVICE C10_ALWAYS_INLINE void q8_lane_update(const Q8Tensor<P>& t, int6
     // max sqrt(n) = sqrt(max n): the scale of exp_avg_sq, as the spec takes it
     out.max[0] = max_nan(out.max[0], ::fabsf(m)), out.max[1] = max_nan(out.max[1], u);
     out.max[2] = max_nan(out.max[2], ::fabsf(d)), out.max[3] = max_nan(out.max[3], ::fabsf(neg));
-  }
+  });
 }
 
 // s: the block's quantization factors (quant_factor of its maxima).
@@ -147,17 +153,11 @@ template <typename P>
 C10_HOST_DEVICE C10_ALWAYS_INLINE void q8_lane_store(const Q8Tensor<P>& t, int64_t b0, int64_t len, int lane,
                                                      const float (&s)[4], const Q8Lane& in) {
   using namespace quant;
-#ifdef __CUDACC__
-#pragma unroll
-#endif
-  for (int j = 0; j < kLaneElems; ++j) {
-    const int64_t r = lane + kWarp * j;
-    if (r >= len) break;
-    const int64_t i = b0 + r;
+  for_lane_elements(b0, len, lane, [&](int j, int64_t i) {
     store_param(in.p[j], t.p[i], t.comp, i);
     t.m[i] = quantize_signed(in.m[j], s[0]), t.n[i] = quantize_sq_root(in.u[j], s[1]);
     t.d[i] = quantize_signed(in.d[j], s[2]), t.neg[i] = quantize_signed(in.neg[j], s[3]);
-  }
+  });
 }
 
 template <typename P>

@@ -8,8 +8,8 @@
 #      FSDP2 + clipping without host sync (tests/test_distributed.py, one GPU);
 #   2. compute-sanitizer memcheck on a short run of the kernels (several dtypes,
 #      unaligned views, many tensors across launches, AMP skip, 8-bit states,
-#      Kahan buffers, the Triton kernels);
-#   3. compute-sanitizer synccheck on the 8-bit CUDA path (warp shuffles).
+#      Kahan buffers, the Triton kernels), and the same run under synccheck
+#      (the 8-bit CUDA path's warps exchange block maxima by shuffles).
 # Every section runs even when an earlier one failed; the summary at the end
 # names each section's result and the exit status is non-zero if any failed
 # (a sanitizer that refuses the device is reported as such, not as a pass).
@@ -30,6 +30,16 @@ record() {  # record NAME STATUS
     RESULT[$1]=$2
     [ "$2" = passed ] || FAILED=1
 }
+record_sanitizer() {  # record_sanitizer TOOL EXIT_STATUS: judges /tmp/adan_TOOL.log
+    local log=/tmp/adan_$1.log
+    if grep -q "Device not supported\|error 999" "$log" && ! grep -q "sanitized run finished" "$log"; then
+        record "$1" "not run (compute-sanitizer refused the device)"
+    elif [ "$2" -eq 0 ] && grep -q "ERROR SUMMARY: 0 errors" "$log"; then
+        record "$1" passed
+    else
+        record "$1" "failed (exit $2)"
+    fi
+}
 
 echo "== $(date -u '+%Y-%m-%d %H:%M:%S UTC') on $(hostname)"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
@@ -49,18 +59,15 @@ else
     record tests failed
 fi
 
-echo "== compute-sanitizer memcheck, short run"
+echo "== compute-sanitizer memcheck and synccheck, short run"
 SANITIZER=$(command -v compute-sanitizer || true)
 for dir in "${CUDA_HOME:-}" /usr/local/cuda; do
     if [ -z "$SANITIZER" ] && [ -n "$dir" ] && [ -x "$dir/bin/compute-sanitizer" ]; then
         SANITIZER="$dir/bin/compute-sanitizer"
     fi
 done
-if [ -z "$SANITIZER" ]; then
-    echo "compute-sanitizer not found (install the CUDA toolkit's sanitizer)"
-    record memcheck "not run (compute-sanitizer not found)"
-else
-"$SANITIZER" --tool memcheck --error-exitcode 1 --leak-check no "$PY" - <<'EOF' 2>&1 | tee /tmp/adan_memcheck.log
+[ -n "$SANITIZER" ] || echo "compute-sanitizer not found (install the CUDA toolkit's sanitizer)"
+cat > /tmp/adan_sanitized_run.py <<'EOF'
 import torch
 from adan_plugin import Adan
 from adan_plugin.fused import _fused_adan
@@ -103,46 +110,21 @@ for backend in ("cuda", "triton"):
         p.grad = torch.randn_like(p)
     opt.step()
 torch.cuda.synchronize()
-print("memcheck run finished")
+print("sanitized run finished")
 EOF
-status=${PIPESTATUS[0]}
-if grep -q "Device not supported\|error 999" /tmp/adan_memcheck.log && ! grep -q "memcheck run finished" /tmp/adan_memcheck.log; then
-    record memcheck "not run (compute-sanitizer refused the device)"
-elif [ "$status" -eq 0 ] && grep -q "ERROR SUMMARY: 0 errors" /tmp/adan_memcheck.log; then
-    record memcheck passed
-else
-    record memcheck "failed (exit $status)"
-fi
-fi
-
-echo "== compute-sanitizer synccheck, 8-bit states on the CUDA kernel (its warps exchange block maxima by shuffles)"
-if [ -z "$SANITIZER" ]; then
-    record synccheck "not run (compute-sanitizer not found)"
-else
-"$SANITIZER" --tool synccheck --error-exitcode 1 "$PY" - <<'EOF' 2>&1 | tee /tmp/adan_synccheck.log
-import torch
-from adan_plugin import Adan
-
-torch.manual_seed(0)
-for dtype, kahan in ((torch.float32, False), (torch.bfloat16, True)):
-    ps = [torch.nn.Parameter(torch.randn(n, device="cuda", dtype=dtype)) for n in (4100, 65536 * 2 + 999)]
-    opt = Adan(ps, fused=True, fused_backend="cuda", state_dtype="8bit", kahan_sum=kahan)
-    for it in range(2):
-        for p in ps:
-            p.grad = torch.randn_like(p)
-        opt.step()
-torch.cuda.synchronize()
-print("synccheck run finished")
-EOF
-status=${PIPESTATUS[0]}
-if grep -q "Device not supported\|error 999" /tmp/adan_synccheck.log && ! grep -q "synccheck run finished" /tmp/adan_synccheck.log; then
-    record synccheck "not run (compute-sanitizer refused the device)"
-elif [ "$status" -eq 0 ] && grep -q "ERROR SUMMARY: 0 errors" /tmp/adan_synccheck.log; then
-    record synccheck passed
-else
-    record synccheck "failed (exit $status)"
-fi
-fi
+# memcheck: out-of-bounds and misaligned accesses; synccheck: the 8-bit CUDA path's warp shuffles.
+for tool in memcheck synccheck; do
+    if [ -z "$SANITIZER" ]; then
+        record $tool "not run (compute-sanitizer not found)"
+        continue
+    fi
+    echo "-- $tool"
+    extra=()
+    [ $tool = memcheck ] && extra=(--leak-check no)
+    "$SANITIZER" --tool $tool --error-exitcode 1 "${extra[@]}" "$PY" /tmp/adan_sanitized_run.py 2>&1 \
+        | tee /tmp/adan_$tool.log
+    record_sanitizer $tool "${PIPESTATUS[0]}"
+done
 
 echo "== summary"
 for name in tests memcheck synccheck; do
