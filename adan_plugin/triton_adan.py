@@ -39,11 +39,12 @@ a launch without.  Full ``BLOCK``s run unmasked, only a chunk's tail is masked.
 8-bit states: a chunk holds whole 256-element quantization blocks, and a program handles ``BLOCK`` of its
 elements at a time as a [BLOCK / 256, 256] tile, one block per row: dequantize the four states, update,
 take each block's new largest magnitude with a row reduction, requantize, all in registers (no
-temporaries, one pass; the CPU kernel parks a block's new values in a stack buffer, the CUDA kernel lets
-one thread own a block and computes the update twice).  The maps are csrc/adan_quant.h's, operation for
-operation: IEEE division and square root (``div_rn``, ``sqrt_rn``), and the one multiply feeding an add
-(the level threshold (c - 1/2)^2 + c) is exact, so the GPU compiler's FMA contraction cannot change a
-code; a NaN in a block makes its scale NaN (``tl.max`` alone may drop NaNs on a GPU).  The update's own
+temporaries, one pass; the CPU kernel parks a block's new values in a stack buffer, the CUDA kernel gives
+each block to a warp).  The maps are csrc/adan_quant.h's, operation for operation: the dequantizing
+products and the quantization factor (an IEEE ``div_rn``) feed no add, the level is settled from an
+``rsqrt`` estimate by one exact threshold comparison (an FMA contraction can move the estimate, well
+within its slack, and cannot change the threshold), so no GPU compiler can change a code; a NaN in a
+block makes its scale NaN (``tl.max`` alone may drop NaNs on a GPU).  The update's own
 multiply-adds may contract on a GPU, as in the CPU kernel's AVX2/AVX-512 builds.
 
 fp32 -> bf16 rounding is written out as integer operations (round to nearest even, as torch and
@@ -103,18 +104,20 @@ def _lerp(start, end, w, w_rest, LOW: tl.constexpr):
 def _adan_math(p, g, m, n, d, neg, first, grad_mul, beta2, beta3, w1, w1_rest, w2, w2_rest, w3, step_size,
                step_size_diff, inv_bc3_sqrt, eps, decay_mul, inv_decay_div, LOW1: tl.constexpr,
                LOW2: tl.constexpr):
-    # csrc/adan_math.h adan_update, operation for operation; returns p, m, n, d, neg_pre_grad.
+    # csrc/adan_math.h adan_update, operation for operation; returns p, m, n, d, neg_pre_grad and sqrt(n)
+    # (what an 8-bit exp_avg_sq's code stands for).
     g = g * grad_mul
     diff = tl.where(first, 0.0, g + neg)
     m = _lerp(m, g, w1, w1_rest, LOW1)
     d = _lerp(d, diff, w2, w2_rest, LOW2)
     u = diff * beta2 + g
     n = n * beta3 + w3 * (u * u)
-    denom = tl.sqrt_rn(n) * inv_bc3_sqrt + eps
+    sqrt_n = tl.sqrt_rn(n)
+    denom = sqrt_n * inv_bc3_sqrt + eps
     p = p * decay_mul
     p = p - tl.div_rn(step_size * m + step_size_diff * d, denom)
     p = p * inv_decay_div
-    return p, m, n, d, 0.0 - g
+    return p, m, n, d, 0.0 - g, sqrt_n
 
 
 @triton.jit
@@ -146,8 +149,9 @@ def _adan_elements(p_ptr, g_ptr, m_ptr, n_ptr, d_ptr, neg_ptr, comp_ptr, offs, m
     n = tl.load(n_ptr + offs, mask=mask).to(tl.float32)
     d = tl.load(d_ptr + offs, mask=mask).to(tl.float32)
     neg = tl.load(neg_ptr + offs, mask=mask).to(tl.float32)
-    p, m, n, d, neg = _adan_math(p, g, m, n, d, neg, first, grad_mul, beta2, beta3, w1, w1_rest, w2, w2_rest, w3,
-                                 step_size, step_size_diff, inv_bc3_sqrt, eps, decay_mul, inv_decay_div, LOW1, LOW2)
+    p, m, n, d, neg, _ = _adan_math(p, g, m, n, d, neg, first, grad_mul, beta2, beta3, w1, w1_rest, w2, w2_rest,
+                                    w3, step_size, step_size_diff, inv_bc3_sqrt, eps, decay_mul, inv_decay_div, LOW1,
+                                    LOW2)
     _store_param(p_ptr, comp_ptr, offs, mask, p, P_DTYPE, HAS_COMP)
     tl.store(m_ptr + offs, _to_storage(m, S_DTYPE), mask=mask)
     tl.store(n_ptr + offs, _to_storage(n, S_DTYPE), mask=mask)
@@ -156,9 +160,8 @@ def _adan_elements(p_ptr, g_ptr, m_ptr, n_ptr, d_ptr, neg_ptr, comp_ptr, offs, m
 
 
 # 8-bit states: the maps of csrc/adan_quant.h (spec in adan_plugin/lowmem.py).  A tile is [rows, QBLOCK]:
-# one row per quantization block, so a block's new maximum is a row reduction in registers.  Every map
-# multiplies, divides (IEEE) or takes an IEEE square root, with no multiply feeding an add, so no FMA
-# contraction can change a code on any backend.
+# one row per quantization block, so a block's new maximum is a row reduction in registers.  No FMA
+# contraction can change a code on any backend (module docstring).
 @triton.jit
 def _div_by(x, c: tl.constexpr):
     return tl.div_rn(x, tl.full(x.shape, c, tl.float32))
@@ -192,17 +195,16 @@ def _row_max(mag, mask):
 @triton.jit
 def _quant_level(mag, absmax, CMAX: tl.constexpr):
     # adan_quant.h quant_factor + quant_level: s = cmax^2 / A (0 when A < kMinAbsmax, NaN included),
-    # v = min(mag * s, cmax^2) (NaN: cmax^2), and the c with (c - 1/2)^2 <= v < (c + 1/2)^2: fp32
-    # floor(sqrt(v) + 1/2) is that c or one off, and the thresholds are exact in fp32 (so a contracted
-    # (c - 1/2)^2 + c rounds the same), two comparisons settle it.
+    # v = min(mag * s, cmax^2) (NaN: cmax^2), and the c with (c - 1/2)^2 <= v < (c + 1/2)^2, settled
+    # with one comparison from e = v * rsqrt(v), an estimate of sqrt(v) within kLevelSlack = 1/8 (on a
+    # GPU the approximate rsqrt, far closer; the argument is in adan_quant.h): c0 = floor(e + 3/8) is
+    # c or c - 1, and c = c0 + [v >= c0^2 + (c0 + 1/4)], exact in fp32 whether contracted or not.
     ok = absmax >= 1e-30
     s = tl.where(ok, tl.div_rn(tl.full(absmax.shape, CMAX * CMAX, tl.float32), tl.where(ok, absmax, 1.0)), 0.0)
     prod = mag * s[:, None]
     v = tl.where(prod < CMAX * CMAX, prod, CMAX * CMAX)
-    c = tl.floor(tl.sqrt_rn(v) + 0.5)
-    lo = (c - 0.5) * (c - 0.5)
-    c = tl.where(v < lo, c - 1.0, tl.where(v >= lo + c + c, c + 1.0, c))
-    return tl.where(c > 0.0, c, 0.0).to(tl.int32)
+    c0 = tl.floor(v * tl.math.rsqrt(tl.maximum(v, 1e-30)) + 0.375)
+    return tl.where(v >= c0 * c0 + (c0 + 0.25), c0 + 1.0, c0).to(tl.int32)
 
 
 @triton.jit
@@ -225,18 +227,19 @@ def _adan_q8_tile(p_ptr, g_ptr, comp_ptr, m_ptr, n_ptr, d_ptr, neg_ptr, sm_ptr, 
     n = _dequant_sq(tl.load(n_ptr + offs, mask=mask), tl.load(sn_ptr + rows, mask=row_mask), 255)
     d = _dequant_signed(tl.load(d_ptr + offs, mask=mask), tl.load(sd_ptr + rows, mask=row_mask), 127)
     neg = _dequant_signed(tl.load(neg_ptr + offs, mask=mask), tl.load(se_ptr + rows, mask=row_mask), 127)
-    p, m, n, d, neg = _adan_math(p, g, m, n, d, neg, first, grad_mul, beta2, beta3, w1, w1_rest, w2, w2_rest, w3,
-                                 step_size, step_size_diff, inv_bc3_sqrt, eps, decay_mul, inv_decay_div, LOW1, LOW2)
+    p, m, _, d, neg, u = _adan_math(p, g, m, n, d, neg, first, grad_mul, beta2, beta3, w1, w1_rest, w2, w2_rest,
+                                    w3, step_size, step_size_diff, inv_bc3_sqrt, eps, decay_mul, inv_decay_div, LOW1,
+                                    LOW2)
     _store_param(p_ptr, comp_ptr, offs, mask, p, P_DTYPE, HAS_COMP)
 
     am, ad, ae = _row_max(tl.abs(m), mask), _row_max(tl.abs(d), mask), _row_max(tl.abs(neg), mask)
     tl.store(m_ptr + offs, _quant_signed(m, am), mask=mask)
     tl.store(d_ptr + offs, _quant_signed(d, ad), mask=mask)
     tl.store(neg_ptr + offs, _quant_signed(neg, ae), mask=mask)
-    # exp_avg_sq: the code is that of sqrt(n), A = max sqrt(n) = sqrt(max n), and never 0 for n > 0.
-    an = tl.sqrt_rn(_row_max(n, mask))
-    cn = _quant_level(tl.sqrt_rn(n), an, 255)
-    tl.store(n_ptr + offs, tl.where((cn == 0) & (n > 0.0), 1, cn).to(tl.uint8), mask=mask)
+    # exp_avg_sq: the code is that of u = sqrt(n), A = max sqrt(n) = sqrt(max n), and never 0 for n > 0.
+    an = _row_max(u, mask)
+    cn = _quant_level(u, an, 255)
+    tl.store(n_ptr + offs, tl.where((cn == 0) & (u > 0.0), 1, cn).to(tl.uint8), mask=mask)
     tl.store(sm_ptr + rows, am, mask=row_mask)
     tl.store(sn_ptr + rows, an, mask=row_mask)
     tl.store(sd_ptr + rows, ad, mask=row_mask)

@@ -169,12 +169,9 @@ struct BlockMax {
 
 // A block's codes from its new values x[0, len) (in the stack buffer; for exp_avg_sq its square
 // roots u) and the factor s = cmax^2 / A.  Every vector build settles quant::quant_level's c (the
-// integer with (c - 1/2)^2 <= v < (c + 1/2)^2) with one comparison: from an estimate e of sqrt(v)
-// with |e - sqrt(v)| < kLevelSlack, y = e + 1/2 - kLevelSlack lies in (sqrt(v) - 1/2, sqrt(v) + 1/2)
-// with a margin of at least 0.03 at the upper end (far above y's fp32 rounding), so c0 = floor(y)
-// is c or c - 1, and c0 >= 0; then c = c0 + [v >= (c0 + 1/2)^2], the threshold c0^2 + (c0 + 1/4)
-// exact in fp32 (c0 <= 255).  (The scalar code settles from a rounded sqrt with two comparisons.)
-constexpr float kLevelSlack = 0.125f;  // > the estimates' worst error, 255 * 1.5 * 2^-12 = 0.094 (AVX2 rsqrt)
+// integer with (c - 1/2)^2 <= v < (c + 1/2)^2) with one comparison from an estimate of sqrt(v) within
+// quant::kLevelSlack, as quant_level does (adan_quant.h has the argument).
+using quant::kLevelSlack;
 #if defined(CPU_CAPABILITY_AVX512)
 // On mask registers (ATen's Vectorized comparisons and blends expand masks into vectors and back);
 // 16 values per call.  rsqrt14 (14 bits) keeps the divider free for the update's sqrt and division.

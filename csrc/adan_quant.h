@@ -21,12 +21,13 @@
 // and exp_avg_sq never stores 0 for a positive n (code 1 at least): a zero
 // denominator for a nonzero momentum would turn the update into m / eps.
 // (Defined by thresholds rather than by fp32 sqrt-and-round, so that every
-// implementation can reach the same code its own way: the CPU vector builds
-// from a 14-bit rsqrt estimate, keeping the divider free for the update.)
+// implementation can reach the same code its own way, from whatever estimate
+// of sqrt(v) is cheap where it runs; see quant_level.)
 // Absolute error of one rounding: |x - q(x)| <= A * (2 * sqrt(|x|/A) * cmax + 0.5) / (2 * cmax^2)
 // <= A * (1/cmax + 1/(4 cmax^2)); tests/test_lowmem.py derives its tolerances from this bound.
-// The operations are ordered so that no multiply-add can be contracted into an
-// FMA, so every build (portable, AVX2, nvcc) computes the same codes.
+// The maps' operations are ordered so that no multiply-add that decides a code
+// can be contracted into an FMA differently by one build and another (portable,
+// AVX2, AVX-512, nvcc): every build computes the same codes.
 #pragma once
 
 #include <c10/macros/Macros.h>
@@ -58,22 +59,34 @@ C10_HOST_DEVICE C10_ALWAYS_INLINE float dequant_factor(float absmax, int cmax) {
   return absmax / static_cast<float>(cmax * cmax);
 }
 
-// The integer nearest to sqrt(v), ties up, exactly, for v = min(magnitude * s, cmax^2) (NaN: cmax^2):
-// the c with (c - 1/2)^2 <= v < (c + 1/2)^2.  floor(sqrt(v) + 1/2) in fp32 is that c or one off (its
-// two roundings can cross a threshold), and the thresholds are exact in fp32 (c <= 255), so two
-// comparisons settle it; vector builds start from a cheaper estimate of sqrt(v) and end at the same c.
+// The level of v (the c with (c - 1/2)^2 <= v < (c + 1/2)^2) is settled with one comparison from any
+// estimate e of sqrt(v) with |e - sqrt(v)| < kLevelSlack: y = e + 1/2 - kLevelSlack lies in
+// (sqrt(v) + 1/2 - 2 kLevelSlack, sqrt(v) + 1/2), with a margin of at least 0.03 at the upper end for
+// the worst estimate used (far above y's fp32 rounding, 2^-16 below 256, and whatever FMA contraction
+// does to e + constant), so c0 = floor(y) is c or c - 1, and c0 >= 0; then c = c0 + [v >= (c0 + 1/2)^2],
+// the threshold c0^2 + (c0 + 1/4) exact in fp32 (c0 <= 255), FMA or not.  The CPU vector builds
+// (adan_cpu_lowmem.h) estimate with their rsqrt instructions; the scalar code below with level_rsqrt.
+constexpr float kLevelSlack = 0.125f;  // > the estimates' worst error, 255 * 1.5 * 2^-12 = 0.094 (AVX2 rsqrt)
+
+// 1 / sqrt(v) for a normal v: on a GPU the hardware's approximate reciprocal square root (CUDA's rsqrtf,
+// 2 ulp: an error below 1e-4 in e = v * rsqrt(v) <= 255, instead of an IEEE square root's
+// correction sequence), on the host the IEEE one.
+C10_HOST_DEVICE C10_ALWAYS_INLINE float level_rsqrt(float v) {
+#ifdef __CUDA_ARCH__
+  return ::rsqrtf(v);
+#else
+  return 1.0f / ::sqrtf(v);
+#endif
+}
+
+// The level of magnitude * s: v = min(magnitude * s, cmax^2) (NaN: cmax^2), settled as above.  The
+// rsqrt of a floor of v: 0 would give inf, and 0 * inf is NaN.
 C10_HOST_DEVICE C10_ALWAYS_INLINE int quant_level(float magnitude, float s, int cmax) {
   const float top = static_cast<float>(cmax * cmax);
   const float prod = magnitude * s;
   const float v = prod < top ? prod : top;
-  float c = ::floorf(q_sqrt(v) + 0.5f);
-  const float lo = (c - 0.5f) * (c - 0.5f);
-  if (v < lo) {
-    c -= 1.0f;
-  } else if (v >= lo + c + c) {
-    c += 1.0f;
-  }
-  return c > 0.0f ? static_cast<int>(c) : 0;
+  const float c0 = ::floorf(v * level_rsqrt(v > 1e-30f ? v : 1e-30f) + (0.5f - kLevelSlack));
+  return static_cast<int>(v >= c0 * c0 + (c0 + 0.25f) ? c0 + 1.0f : c0);
 }
 
 C10_HOST_DEVICE C10_ALWAYS_INLINE int8_t quantize_signed(float x, float s) {

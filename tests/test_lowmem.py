@@ -140,6 +140,31 @@ def test_kernel_quantizer_at_the_level_thresholds(kernel_or_triton):
             assert len(hits) == 2 * cmax and all(a == b for a, b in hits), key
 
 
+def test_one_comparison_settles_any_estimate_within_the_slack():
+    # adan_quant.h quant_level's argument, which lets each build use its own estimate of sqrt(v) (AVX2's
+    # 12-bit rsqrt, AVX-512's rsqrt14, a GPU's approximate rsqrtf, the host's IEEE 1/sqrt) and still write
+    # the spec's code: for every estimate e with |e - sqrt(v)| < 1/8, in fp32, c0 = floor(e + 3/8) and
+    # c0 + [v >= c0^2 + (c0 + 1/4)] is the level.  Checked at every threshold, its fp32 neighbours and
+    # random v, with estimates at both ends of the slack and between; an estimate 0.13 too high must fail
+    # next to the thresholds (c0 passes c there), which is why the slack is what the builds' errors fit in.
+    f32 = np.float32
+    for cmax in (SIGNED, UNSIGNED):
+        v = np.abs(_at_thresholds(cmax))
+        v = np.concatenate([v, np.random.default_rng(cmax).uniform(0, cmax * cmax, 20000).astype(f32), [f32(0)]])
+        want = np.searchsorted((np.arange(1, cmax + 1, dtype=np.float64) - 0.5) ** 2, v.astype(np.float64),
+                               side="right")
+        root = np.sqrt(v.astype(np.float64))
+
+        def settle(err):
+            e = (root + err).astype(f32)
+            c0 = np.floor(e + f32(0.375)).astype(f32)
+            return (c0 + (v >= c0 * c0 + (c0 + f32(0.25))).astype(f32)).astype(np.int64)
+
+        for err in (-0.1249, -0.094, -1e-4, 0.0, 1e-4, 0.094, 0.1249):
+            np.testing.assert_array_equal(settle(err), want, err_msg=f"cmax {cmax}, estimate error {err}")
+        assert (settle(0.13) != want).any()
+
+
 def test_kernel_dequantizer_is_the_spec_bit_for_bit(kernel_or_triton):
     # betas 0.5 and g = 0: every new state is exactly half the dequantized old one (diff = 0 with
     # neg_pre_grad codes 0), so the written codes are spec(0.5 * spec_dequant(old codes)).
