@@ -43,8 +43,6 @@ constexpr int kSignedMax = 127;    // int8 codes of exp_avg, exp_avg_diff, neg_p
 constexpr int kUnsignedMax = 255;  // uint8 codes of sqrt(exp_avg_sq)
 constexpr int64_t kMinNumel = 4096;  // smaller tensors keep fp32 states (decided in Python)
 
-C10_HOST_DEVICE C10_ALWAYS_INLINE float q_sqrt(float x) { return ::sqrtf(x); }
-
 // Blocks whose largest magnitude is below this store only zero codes (cmax^2 / A would
 // overflow for subnormal A, and 0 * inf is NaN).
 constexpr float kMinAbsmax = 1e-30f;
