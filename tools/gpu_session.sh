@@ -8,7 +8,11 @@
 #   checks  tools/gpu_checks.sh: the CUDA/Triton test files and compute-sanitizer memcheck;
 #   train   the digits demo (tools/train_timm.py, the README's recipe) on the CPU, then on CUDA with the
 #           fused kernels under AMP bf16 and AMP fp16 + GradScaler; top-1 of each, same machine, same run;
-#   bench   tools/bench_step.py --device cuda (docs/benchmarks.md's CUDA section and chart).
+#   bench   tools/bench_step.py --device cuda (docs/benchmarks.md's CUDA section and chart);
+#   q8      not in the default list: the 8-bit GPU kernels alone, for a short lease after a change to them
+#           (tests/test_cuda_lowmem.py, the 8-bit tests of tests/test_triton_cuda.py, then the GPT-2 bench
+#           rows of both 8-bit kernels next to torch's fused AdamW, as docs/benchmarks.md's supplementary
+#           run): tools/gpu_session.sh LOGDIR build q8.
 #
 # Usage (repository root): tools/gpu_session.sh LOGDIR [STAGE ...]      (default: all four, in order)
 # PY picks the interpreter (default python3); OFFICIAL_ADAN the official copy (default .ext/sail-adan);
@@ -73,6 +77,19 @@ stage_bench() {
         > "$LOGDIR/bench.log" 2>&1
     echo "bench: exit $?" >> "$LOGDIR/bench.log"
     tar -cf "$LOGDIR/bench.tar" docs/benchmarks.md docs/*.png 2>/dev/null
+}
+
+stage_q8() {
+    {
+        echo "== $(date -u '+%F %T UTC')"
+        TRITON_INTERPRET=0 timeout 200 "$PY" -m pytest -q -m cuda -rs -p no:cacheprovider tests/test_cuda_lowmem.py \
+            tests/test_triton_cuda.py -k "8bit or q8 or quant or kahan"
+        echo "tests: exit $?"
+        timeout 200 "$PY" tools/bench_step.py --device cuda --models gpt2-2048,gpt2-1536 --no-memory --max-seconds 1 \
+            --variants ours-fused-8bit,ours-fused-triton-8bit,ours-fused-bf16,adamw-fused
+        echo "bench: exit $?"
+    } > "$LOGDIR/q8.log" 2>&1
+    tar -cf "$LOGDIR/q8_bench.tar" docs/benchmarks.md docs/*.png 2>/dev/null
 }
 
 for stage in $STAGES; do
