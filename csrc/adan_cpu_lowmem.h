@@ -174,60 +174,63 @@ struct BlockMax {
 using quant::kLevelSlack;
 #if defined(CPU_CAPABILITY_AVX512)
 // On mask registers (ATen's Vectorized comparisons and blends expand masks into vectors and back);
-// 16 values per call.  rsqrt14 (14 bits) keeps the divider free for the update's sqrt and division.
-// settle_level: c from v and r = rsqrt14 of v (or of a floor of v), the settling above.
-C10_ALWAYS_INLINE __m512 settle_level(__m512 v, __m512 r) {
-  const __m512 c0 = _mm512_roundscale_ps(_mm512_fmadd_ps(v, r, _mm512_set1_ps(0.5f - kLevelSlack)),
-                                         _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
-  const __m512 hi = _mm512_fmadd_ps(c0, c0, _mm512_add_ps(c0, _mm512_set1_ps(0.25f)));
-  return _mm512_mask_add_ps(c0, _mm512_cmp_ps_mask(v, hi, _CMP_GE_OQ), c0, _mm512_set1_ps(1.0f));
+// 16 values per call, returned as their 16 code bytes.  rsqrt14 (14 bits) keeps the divider free for
+// the update's sqrt and division.  level_floor: c0 from v and r = rsqrt14 of v (or of a floor of v);
+// level_up: the mask where c = c0 + 1.
+C10_ALWAYS_INLINE __m512 level_floor(__m512 v, __m512 r) {
+  return _mm512_roundscale_ps(_mm512_fmadd_ps(v, r, _mm512_set1_ps(0.5f - kLevelSlack)),
+                              _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+}
+C10_ALWAYS_INLINE __mmask16 level_up(__m512 v, __m512 c0) {
+  return _mm512_cmp_ps_mask(v, _mm512_fmadd_ps(c0, c0, _mm512_add_ps(c0, _mm512_set1_ps(0.25f))), _CMP_GE_OQ);
 }
 template <bool kSq>
-C10_ALWAYS_INLINE __m512i level_codes16(__m512 x, __m512 s, std::false_type /*finite*/) {
+C10_ALWAYS_INLINE __m128i level_codes16(__m512 x, __m512 s, std::false_type /*finite*/) {
   constexpr int cmax = kSq ? quant::kUnsignedMax : quant::kSignedMax;
   const __m512 zero = _mm512_setzero_ps(), one = _mm512_set1_ps(1.0f);
   const __m512 mag = kSq ? x : _mm512_abs_ps(x);  // u = sqrt(n) >= 0 (or NaN)
   const __m512 v = _mm512_min_ps(_mm512_mul_ps(mag, s), _mm512_set1_ps(static_cast<float>(cmax * cmax)));
   // rsqrt14 of a floor, not of v: 0 or a subnormal v would give inf, and 0 * inf is NaN.
-  __m512 c = settle_level(v, _mm512_rsqrt14_ps(_mm512_max_ps(v, _mm512_set1_ps(1e-30f))));
+  const __m512 c0 = level_floor(v, _mm512_rsqrt14_ps(_mm512_max_ps(v, _mm512_set1_ps(1e-30f))));
+  __m512 c = _mm512_mask_add_ps(c0, level_up(v, c0), c0, one);
   if constexpr (kSq) {  // a positive n gets code 1 at least
     c = _mm512_mask_max_ps(c, _mm512_cmp_ps_mask(x, zero, _CMP_GT_OQ), c, one);
-    return _mm512_cvttps_epi32(c);
+    return _mm512_cvtepi32_epi8(_mm512_cvttps_epi32(c));
   } else {  // x's sign (a NaN, whatever its sign bit: +cmax)
     const __m512i ci = _mm512_cvttps_epi32(c);
-    return _mm512_mask_sub_epi32(ci, _mm512_cmp_ps_mask(x, zero, _CMP_LT_OQ), _mm512_setzero_si512(), ci);
+    return _mm512_cvtepi32_epi8(
+        _mm512_mask_sub_epi32(ci, _mm512_cmp_ps_mask(x, zero, _CMP_LT_OQ), _mm512_setzero_si512(), ci));
   }
 }
 // The same codes for a block whose values are all finite (BlockMax::finite), the common case, in
-// fewer instructions: v = |x| * s is then finite and at most cmax^2 (1 + 2^-22), whose level is still
-// cmax, so no clamp; v = 0 gives rsqrt14 = inf and a NaN c, and a NaN (or the inf that a subnormal v
-// may give) converts to the integer 0x80000000, whose low byte, the stored code, is 0, v's level
-// (and max(NaN, 1) is 1 for exp_avg_sq); and the sign is copied from x, which is never NaN here.
+// fewer and narrower instructions: v = |x| * s is then finite and at most cmax^2 (1 + 2^-22), whose
+// level is still cmax, so no clamp; c0 goes to bytes first and the increment and x's sign are applied
+// to the 16 bytes.  v = 0 gives rsqrt14 = inf and a NaN c0 (a subnormal v may give an inf c0): both
+// convert to the integer 0x80000000, whose low byte is 0, v's level, and compare below every
+// threshold; a positive u still gets code 1 (exp_avg_sq), and -0 negates to 0.
 template <bool kSq>
-C10_ALWAYS_INLINE __m512i level_codes16(__m512 x, __m512 s, std::true_type /*finite*/) {
+C10_ALWAYS_INLINE __m128i level_codes16(__m512 x, __m512 s, std::true_type /*finite*/) {
   const __m512 mag = kSq ? x : _mm512_abs_ps(x);
   const __m512 v = _mm512_mul_ps(mag, s);
-  __m512 c = settle_level(v, _mm512_rsqrt14_ps(v));
+  const __m512 c0 = level_floor(v, _mm512_rsqrt14_ps(v));
+  __m128i b = _mm512_cvtepi32_epi8(_mm512_cvttps_epi32(c0));
+  b = _mm_mask_add_epi8(b, level_up(v, c0), b, _mm_set1_epi8(1));
   if constexpr (kSq) {
-    c = _mm512_mask_max_ps(c, _mm512_cmp_ps_mask(x, _mm512_setzero_ps(), _CMP_GT_OQ), c, _mm512_set1_ps(1.0f));
-  } else {  // c | (x & sign bit)
-    c = _mm512_castsi512_ps(_mm512_ternarylogic_epi32(_mm512_castps_si512(c), _mm512_castps_si512(x),
-                                                      _mm512_set1_epi32(INT32_MIN), 0xF8));
+    return _mm_mask_max_epu8(b, _mm512_cmp_ps_mask(x, _mm512_setzero_ps(), _CMP_GT_OQ), b, _mm_set1_epi8(1));
+  } else {
+    return _mm_mask_sub_epi8(b, _mm512_movepi32_mask(_mm512_castps_si512(x)), _mm_setzero_si128(), b);
   }
-  return _mm512_cvttps_epi32(c);
 }
 template <bool kSq, bool kFinite, typename Q>
 C10_ALWAYS_INLINE void quantize_run(const float* x, int64_t len, float s, Q* q) {
   const __m512 vs = _mm512_set1_ps(s);
   const std::integral_constant<bool, kFinite> finite;
   int64_t j = 0;
-  for (; j + kW <= len; j += kW) {
-    const __m128i codes = _mm512_cvtepi32_epi8(level_codes16<kSq>(_mm512_loadu_ps(x + j), vs, finite));
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(q + j), codes);
-  }
+  for (; j + kW <= len; j += kW)
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(q + j), level_codes16<kSq>(_mm512_loadu_ps(x + j), vs, finite));
   if (j < len) {
     const __mmask16 m = static_cast<__mmask16>((1u << (len - j)) - 1);
-    _mm_mask_storeu_epi8(q + j, m, _mm512_cvtepi32_epi8(level_codes16<kSq>(_mm512_maskz_loadu_ps(m, x + j), vs, finite)));
+    _mm_mask_storeu_epi8(q + j, m, level_codes16<kSq>(_mm512_maskz_loadu_ps(m, x + j), vs, finite));
   }
 }
 inline void quantize_signed_run(const float* x, int64_t len, float s, int8_t* q, bool finite) {
