@@ -118,15 +118,21 @@ block maxima tracked and requantized (an rsqrt estimate settled against exact le
 csrc/README.md): about 110 512-bit instructions per 16 elements, and Zen 4, which splits each into two
 256-bit halves, sustained about 1.5 of them per cycle in every mix we timed (its multiply/FMA/compare and
 its add/convert/round pipes each take one 512-bit instruction per cycle).  Measured in L2 on one core
-(compute only; the op called on 65536 elements, ns per element): 8-bit state 1.53, bf16 state 0.66, torch's
+(compute only; the op called on 65536 elements, ns per element): 8-bit state 1.49, bf16 state 0.67–0.74, torch's
 fused AdamW 0.46; the 8-bit step cannot stream faster than its arithmetic, whatever the bandwidth.  The
 first rewrite of this kernel (quantizer without square roots on the divider, dequantizing in registers,
 maxima during the update) took it from 4.3× to about 1.7× AdamW on ResNet-50 shapes; the second (2.04 →
 1.53 ns per element: the update's own sqrt(n) reused for exp_avg_sq's code, one comparison per level
 instead of two, and a shorter quantizer for blocks whose values are all finite) to 1.2–1.4× on ResNet-50
-and ViT-B/16 shapes.  Tried and dropped, each measured no faster: software prefetch one to eight blocks
-ahead, writing a block's codes while the next block updates (to overlap the divider), and 256-bit
-vectors.  On a CPU with full-width AVX-512 units and half this machine's memory bandwidth (the Intel
+and ViT-B/16 shapes; a third step (the level increment and the sign applied to the code bytes) saved
+another 2–3% (1.49 ns per element).  The ratio moves with the host's momentary bandwidth, since AdamW
+streams and the 8-bit step computes: three runs of this page on the same machine gave 1.36–1.46× on
+ResNet-50 shapes and 1.26–1.80× on ViT-B/16 shapes (the 1.80× under rising load, quartiles 1.19–2.04×).
+Timed alone, the four quantizers take about 8 cycles per 16 values and state, and dropping any single
+instruction saves 0.2–1.1 cycles, so only fewer instructions would help.  Tried and dropped, each measured
+no faster: software prefetch one to eight blocks ahead, writing a block's codes while the next block
+updates (to overlap the divider), 256-bit vectors, an integer threshold comparison and a sign-bit settle
+instead of the mask comparison.  On a CPU with full-width AVX-512 units and half this machine's memory bandwidth (the Intel
 Xeon the issue quotes: AdamW 26.5 ms per ResNet-50 step, 2.5× slower than here) the balance shifts
 towards memory; no run there exists yet.
 
