@@ -146,8 +146,7 @@ struct BlockMax {
     if (!finite) {
       float out = 0.0f;
       for (int64_t j = 0; j < len; ++j) {
-        const float a = std::fabs(buf[j]);
-        out = (a > out || std::isnan(a)) ? a : out;
+        out = quant::max_nan(out, std::fabs(buf[j]));
         if (std::isnan(out)) break;
       }
       return out;
@@ -161,7 +160,7 @@ struct BlockMax {
     float lanes[kW];
     acc.store(lanes);
     float out = 0.0f;
-    for (int64_t j = 0; j < kW; ++j) out = (lanes[j] > out || std::isnan(lanes[j])) ? lanes[j] : out;
+    for (int64_t j = 0; j < kW; ++j) out = quant::max_nan(out, lanes[j]);
     return out;
   }
 #endif

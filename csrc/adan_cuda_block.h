@@ -85,8 +85,6 @@ C10_HOST_DEVICE C10_ALWAYS_INLINE void store_param(float x, P& p, P* comp, int64
   }
 }
 
-C10_HOST_DEVICE C10_ALWAYS_INLINE float max_nan(float acc, float v) { return (v > acc || v != v) ? v : acc; }
-
 static_assert(kLaunchChunk % quant::kQBlock == 0, "a CUDA block's chunk holds whole quantization blocks");
 
 // 8-bit states.  A block's scale needs all its new values, so one warp owns each quantization block:
@@ -94,7 +92,7 @@ static_assert(kLaunchChunk % quant::kQBlock == 0, "a CUDA block's chunk holds wh
 // elements), keeps the new values in registers, and the warp combines the lanes' maxima by shuffles
 // before each lane quantizes its own elements.  One pass: every element is read, updated and written
 // once.  On the host (adan_cuda_on_cpu.cpp, the tests) a call from lane 0 runs its warp's 32 lanes
-// one after another with the same per-lane code and combines their maxima in a loop: max_nan's result
+// one after another with the same per-lane code and combines their maxima in a loop: quant::max_nan's result
 // does not depend on the order, so the host writes what the GPU writes.
 constexpr int kWarp = 32;
 constexpr int kLaneElems = quant::kQBlock / kWarp;  // elements per lane and quantization block

@@ -47,6 +47,10 @@ constexpr int64_t kMinNumel = 4096;  // smaller tensors keep fp32 states (decide
 // overflow for subnormal A, and 0 * inf is NaN).
 constexpr float kMinAbsmax = 1e-30f;
 
+// A block maximum's running step: the larger of acc and v, NaN from the first NaN on (a NaN state keeps
+// its block's scale NaN, as the spec's max does); the result does not depend on the order of the values.
+C10_HOST_DEVICE C10_ALWAYS_INLINE float max_nan(float acc, float v) { return (v > acc || v != v) ? v : acc; }
+
 // s = cmax^2 / A: the factor inside the square root of the quantizer.
 C10_HOST_DEVICE C10_ALWAYS_INLINE float quant_factor(float absmax, int cmax) {
   return absmax >= kMinAbsmax ? static_cast<float>(cmax * cmax) / absmax : 0.0f;
