@@ -127,22 +127,17 @@ C10_ALWAYS_INLINE void opaque(fVec& v) {
 }
 
 // A block's largest |x|, NaN if any x is NaN (a NaN state keeps its block's scale NaN, as the
-// spec's max does).  AVX-512: vrangeps (max of magnitudes, sign cleared: one instruction for
-// abs and max) skips a NaN operand, so a NaN or Inf is caught instead by the sum of the values,
-// which is then not finite (nor when finite values sum past fp32's range, a false alarm that costs
-// only time): such a block is rescanned exactly from the buffer and quantized with the clamped
-// sequence, every other block with the shorter one for finite values.
+// spec's max does).  AVX-512: vrangeps (max of magnitudes, sign cleared: one instruction for abs and
+// max) keeps an Inf but skips a NaN operand, so the update loop says instead whether a NaN can be in
+// the block (BlockFlag below); such a block is rescanned exactly from the buffer and quantized with
+// the clamped sequence, every other block with the shorter one for finite values.
 struct BlockMax {
   fVec acc = fVec(0.0f);
 #if defined(CPU_CAPABILITY_AVX512)
-  fVec flag = fVec(0.0f);
   C10_ALWAYS_INLINE void add(const fVec& x) {
     acc = _mm512_range_ps(acc, x, 0x0B);  // imm[1:0] = 11: larger magnitude; imm[3:2] = 10: sign +
-    flag = _mm512_add_ps(flag, x);
   }
-  // finite: whether every x was finite (the other builds never say so; their quantizers do not ask).
-  float get(const float* buf, int64_t len, bool& finite) const {
-    finite = std::isfinite(_mm512_reduce_add_ps(flag));
+  float get(const float* buf, int64_t len, bool finite) const {
     if (!finite) {
       float out = 0.0f;
       for (int64_t j = 0; j < len; ++j) {
@@ -155,14 +150,34 @@ struct BlockMax {
   }
 #else
   C10_ALWAYS_INLINE void add(const fVec& x) { acc = at::vec::maximum(acc, x.abs()); }
-  float get(const float*, int64_t, bool& finite) const {
-    finite = false;
+  float get(const float*, int64_t, bool) const {
     float lanes[kW];
     acc.store(lanes);
     float out = 0.0f;
     for (int64_t j = 0; j < kW; ++j) out = quant::max_nan(out, lanes[j]);
     return out;
   }
+#endif
+};
+
+// Whether a block's new states can hold a NaN, from one sum over its new parameter values (fp32,
+// before rounding to the parameter's dtype) instead of one per state: a NaN in any new state
+// reaches the parameter, because IEEE NaN survives every operation of the update (adan_math.h:
+// m, d and sqrt(n) enter p's update; -g and the gradient difference enter m, d and n; an old
+// state's NaN or Inf scale dequantizes to NaN or Inf values that do the same), multiplications by
+// zero included.  An Inf state need not reach p (sqrt(n) = Inf makes the update 0) but is kept by
+// vrangeps, so the block's scale shows it.  A block is quantized with the finite sequence when the
+// sum and the four scales are finite (a sum past fp32's range is a false alarm that costs only time;
+// so is 0 / 0 in the lanes past a tensor's end, which hold zero states and gradients, when eps = 0).
+// The other builds always take their one, clamped, sequence.
+struct BlockFlag {
+#if defined(CPU_CAPABILITY_AVX512)
+  fVec sum = fVec(0.0f);
+  C10_ALWAYS_INLINE void add(const fVec& p) { sum = _mm512_add_ps(sum, p); }
+  bool finite() const { return std::isfinite(_mm512_reduce_add_ps(sum)); }
+#else
+  C10_ALWAYS_INLINE void add(const fVec&) {}
+  bool finite() const { return false; }
 #endif
 };
 
@@ -201,7 +216,7 @@ C10_ALWAYS_INLINE __m128i level_codes16(__m512 x, __m512 s, std::false_type /*fi
         _mm512_mask_sub_epi32(ci, _mm512_cmp_ps_mask(x, zero, _CMP_LT_OQ), _mm512_setzero_si512(), ci));
   }
 }
-// The same codes for a block whose values are all finite (BlockMax::finite), the common case, in
+// The same codes for a block whose values are all finite (BlockFlag), the common case, in
 // fewer and narrower instructions: v = |x| * s is then finite and at most cmax^2 (1 + 2^-22), whose
 // level is still cmax, so no clamp; c0 goes to bytes first and the increment and x's sign are applied
 // to the 16 bytes.  v = 0 gives rsqrt14 = inf and a NaN c0 (a subnormal v may give an inf c0): both
@@ -299,6 +314,7 @@ void update_range_q8_t(const CpuTensor& t, int64_t begin, int64_t end, const Ada
     const fVec km(dequant_factor(t.scale[0][blk], kSignedMax)), kn(dequant_factor(t.scale[1][blk], kUnsignedMax)),
         kd(dequant_factor(t.scale[2][blk], kSignedMax)), ke(dequant_factor(t.scale[3][blk], kSignedMax));
     BlockMax am, an, ad, ae;
+    BlockFlag flag;
     for (int64_t j = 0; j < len; j += 2 * kW) {
       const int64_t cnt = std::min<int64_t>(2 * kW, len - j);
       const int64_t i = b0 + j;
@@ -333,14 +349,19 @@ void update_range_q8_t(const CpuTensor& t, int64_t begin, int64_t end, const Ada
         Io<float>::store(buf[2] + j, cnt, d0, d1), Io<float>::store(buf[3] + j, cnt, e0, e1);
       }
       am.add(m0), am.add(m1), an.add(n0), an.add(n1), ad.add(d0), ad.add(d1), ae.add(e0), ae.add(e1);
+      flag.add(p0), flag.add(p1);
     }
-    bool finite[4];
-    const float absmax[4] = {am.get(buf[0], len, finite[0]), an.get(buf[1], len, finite[1]),
-                             ad.get(buf[2], len, finite[2]), ae.get(buf[3], len, finite[3])};
-    quantize_signed_run(buf[0], len, quant_factor(absmax[0], kSignedMax), qm + b0, finite[0]);
-    quantize_sq_run(buf[1], len, quant_factor(absmax[1], kUnsignedMax), qn + b0, finite[1]);
-    quantize_signed_run(buf[2], len, quant_factor(absmax[2], kSignedMax), qd + b0, finite[2]);
-    quantize_signed_run(buf[3], len, quant_factor(absmax[3], kSignedMax), qe + b0, finite[3]);
+    bool finite = flag.finite();
+    float absmax[4] = {am.get(buf[0], len, finite), an.get(buf[1], len, finite), ad.get(buf[2], len, finite),
+                       ae.get(buf[3], len, finite)};
+    if (finite && !(std::isfinite(absmax[0]) && std::isfinite(absmax[1]) && std::isfinite(absmax[2]) &&
+                    std::isfinite(absmax[3]))) {
+      finite = false;  // an Inf state (the maxima are exact: vrangeps keeps an Inf)
+    }
+    quantize_signed_run(buf[0], len, quant_factor(absmax[0], kSignedMax), qm + b0, finite);
+    quantize_sq_run(buf[1], len, quant_factor(absmax[1], kUnsignedMax), qn + b0, finite);
+    quantize_signed_run(buf[2], len, quant_factor(absmax[2], kSignedMax), qd + b0, finite);
+    quantize_signed_run(buf[3], len, quant_factor(absmax[3], kSignedMax), qe + b0, finite);
     for (int k = 0; k < 4; ++k) t.scale[k][blk] = absmax[k];
   }
 }

@@ -83,6 +83,42 @@ def test_nonfinite_values_keep_their_blocks_scale_visible(kernel):
     assert np.isnan(scales[0].numpy()[:3]).all() and np.isinf(scales[3].numpy()[1:3]).all()
 
 
+@pytest.mark.parametrize("poison", [float("nan"), float("inf")])
+@pytest.mark.parametrize("key", STATE_KEYS)
+def test_a_nonfinite_old_scale_reaches_the_new_scales(key, poison, kernel):
+    # One block of one state read back NaN or Inf (its old scale poisoned; codes 0 and nonzero), the rest
+    # zero.  betas 0 and lr 0: m = d = g, n = g*g, neg_pre_grad = -g, and the poisoned block's values reach
+    # m, d or n as NaN (Inf * 0, Inf - Inf): those new states must be NaN in that block, scale included,
+    # with the spec's codes, and every other block exact.  (The AVX-512 kernel picks the shorter
+    # quantizer for finite blocks from one sum over the new parameters, not over each state: a NaN in
+    # any new state must reach the parameter; this would catch a block where it did not.)
+    numel, poisoned = 256 * 3 + 100, 1
+    g = _test_values(numel, seed=7)
+    states, scales = _q8_states(numel)
+    k = STATE_KEYS.index(key)
+    gen = torch.Generator().manual_seed(1)
+    block = slice(256 * poisoned, 256 * (poisoned + 1))
+    lo = 0 if key == "exp_avg_sq" else -127
+    states[k][block] = torch.randint(lo, 128, (256,), generator=gen, dtype=torch.int32).to(states[k].dtype)
+    states[k][256 * poisoned] = 0
+    scales[k][poisoned] = poison
+    p = torch.zeros(numel)
+    _op(p, g, states, scales, betas=(0.0, 0.0, 0.0))
+    gn = g.numpy()
+    bad = np.zeros(numel, bool)
+    bad[block] = True
+    nan = np.float32(np.nan)
+    m = np.where(bad, nan, gn) if key == "exp_avg" else gn
+    d = np.where(bad, nan, gn) if key in ("exp_avg_diff", "neg_pre_grad") else gn
+    n = np.where(bad, nan, gn * gn) if key in ("exp_avg_sq", "neg_pre_grad") else gn * gn
+    expected = {"exp_avg": m, "exp_avg_sq": n.astype(np.float32), "exp_avg_diff": d, "neg_pre_grad": -gn}
+    for name, st, sc in zip(STATE_KEYS, states, scales):
+        codes, absmax = np_quantize(expected[name], sq=name == "exp_avg_sq")
+        np.testing.assert_array_equal(st.numpy(), codes, err_msg=name)
+        np.testing.assert_array_equal(sc.numpy(), absmax, err_msg=name)
+    assert np.isnan(p.numpy()[block]).all() and np.isfinite(np.delete(p.numpy(), np.arange(256, 512))).all()
+
+
 def test_kernel_quantizer_on_subnormal_and_huge_finite_values(kernel_or_triton):
     # The AVX-512 build quantizes a block whose values are all finite with a shorter sequence (no clamp;
     # v = 0 and subnormal v reach code 0 through a NaN or inf estimate), chosen by a per-block sum that is
