@@ -1,6 +1,7 @@
-"""The Triton kernels (adan_plugin/triton_adan.py), run on CPU tensors by Triton's interpreter (see
-tests/triton_interp.py), against the float64 reference, the CPU kernel and the CUDA kernel's code; 8-bit
-states and Kahan buffers; backend selection; the kernel compiled for GPUs (sm_90, gfx942) without one.
+"""The Triton kernels (adan_plugin/triton_kernels.py, launched by triton_adan.py), run on CPU tensors by
+Triton's interpreter (see tests/triton_interp.py), against the float64 reference, the CPU kernel and the
+CUDA kernel's code; 8-bit states and Kahan buffers; backend selection; the kernel compiled for GPUs (sm_90,
+gfx942) without one.
 
 What the interpreter cannot show: GPU execution itself (scheduling, the 16-byte vector loads, CUDA-graph
 capture, the GPU compiler's FMA contraction of the update's multiply-adds); tools/bench_step.py --device

@@ -1,6 +1,7 @@
-"""The Triton kernels compiled for a GPU (adan_plugin/triton_adan.py), against our CUDA kernel, the float64
-reference and the 8-bit spec.  Marked ``cuda``; they also need ``TRITON_INTERPRET=0`` in the environment
-(tests/conftest.py sets the interpreter on otherwise, for the CPU suite), so a GPU run is
+"""The Triton kernels compiled for a GPU (adan_plugin/triton_kernels.py, launched by triton_adan.py), against
+our CUDA kernel, the float64 reference and the 8-bit spec.  Marked ``cuda``; they also need
+``TRITON_INTERPRET=0`` in the environment (tests/conftest.py sets the interpreter on otherwise, for the CPU
+suite), so a GPU run is
 
     TRITON_INTERPRET=0 python -m pytest -m cuda tests/test_triton_cuda.py
 
