@@ -18,6 +18,8 @@ import copy
 import numpy as np
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from adan_plugin import Adan, _ext, lowmem
 from adan_plugin.checkpoint import convert_state_dict
@@ -117,6 +119,54 @@ def test_a_nonfinite_old_scale_reaches_the_new_scales(key, poison, kernel):
         np.testing.assert_array_equal(st.numpy(), codes, err_msg=name)
         np.testing.assert_array_equal(sc.numpy(), absmax, err_msg=name)
     assert np.isnan(p.numpy()[block]).all() and np.isfinite(np.delete(p.numpy(), np.arange(256, 512))).all()
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data())
+def test_nonfinite_blocks_are_those_of_the_cuda_code(data):
+    # NaN and Inf gradients and old scales anywhere, betas from 0 (lerp's weight 1, whose other term is
+    # multiplied by 0) up, lr 0 or not, first steps or not: the CPU kernel (whose AVX-512 build picks the
+    # shorter quantizer from one sum over the new parameters) and the CUDA kernel's code (one quantizer,
+    # an exact NaN-keeping maximum of every state) make the same blocks NaN or Inf, write the same codes
+    # there and the same non-finite parameters; elsewhere they differ only by fp32 rounding.
+    n_blocks = data.draw(st.integers(1, 12), label="blocks")
+    numel = 256 * n_blocks - data.draw(st.integers(0, 255), label="short last block")
+    betas = tuple(data.draw(st.sampled_from([0.0, 0.02, 0.5, 0.92, 0.99]), label=f"beta{i}") for i in (1, 2, 3))
+    lr = data.draw(st.sampled_from([0.0, 1e-2]), label="lr")
+    first = data.draw(st.booleans(), label="first")
+    gen = torch.Generator().manual_seed(data.draw(st.integers(0, 2 ** 31 - 1), label="seed"))
+    special = [float("nan"), float("inf"), -float("inf")]
+    g = torch.randn(numel, generator=gen) * torch.pow(10.0, torch.empty(numel).uniform_(-3, 3, generator=gen))
+    for i in data.draw(st.lists(st.integers(0, numel - 1), max_size=4), label="poisoned gradients"):
+        g[i] = data.draw(st.sampled_from(special))
+    states, scales = _q8_states(numel)
+    for k, key in enumerate(STATE_KEYS):
+        lo = 0 if key == "exp_avg_sq" else -127
+        states[k].copy_(torch.randint(lo, 128, (numel,), generator=gen, dtype=torch.int32).to(states[k].dtype))
+        scales[k].copy_(torch.rand(scales[k].shape, generator=gen) * 2)
+    for k, b in data.draw(st.lists(st.tuples(st.integers(0, 3), st.integers(0, n_blocks - 1)), max_size=3),
+                          label="poisoned scales"):
+        scales[k][b] = data.draw(st.sampled_from(special[:2]))
+    p = torch.randn(numel, generator=gen)
+    out = {}
+    for name in ("fused_adan_", "_fused_adan_cuda_code_on_cpu_"):
+        pp, ss, cc = p.clone(), [t.clone() for t in states], [t.clone() for t in scales]
+        getattr(torch.ops.adan_plugin, name)(
+            [pp], [g], *[[t] for t in ss], beta1=betas[0], beta2=betas[1], beta3=betas[2], step=3.0, first=first,
+            exp_avg_scales=[cc[0]], exp_avg_sq_scales=[cc[1]], exp_avg_diff_scales=[cc[2]],
+            neg_pre_grad_scales=[cc[3]], kahan_comps=[], lr=lr, eps=1e-8, weight_decay=0.02, no_prox=False,
+            param_steps=[])
+        out[name] = (pp, ss, cc)
+    (pa, sa, ca), (pb, sb, cb) = out.values()
+    torch.testing.assert_close(pa, pb, rtol=1e-5, atol=1e-6, equal_nan=True)
+    assert torch.equal(torch.isnan(pa), torch.isnan(pb)) and torch.equal(pa.isinf(), pb.isinf())
+    for k, key in enumerate(STATE_KEYS):
+        assert torch.equal(ca[k].isnan(), cb[k].isnan()) and torch.equal(ca[k].isinf(), cb[k].isinf()), key
+        torch.testing.assert_close(ca[k], cb[k], rtol=1e-5, atol=0, equal_nan=True)
+        bad = ~torch.isfinite(ca[k]).repeat_interleave(256)[:numel]
+        assert torch.equal(sa[k][bad], sb[k][bad]), key
+        diff = (sa[k][~bad].int() - sb[k][~bad].int()).abs()
+        assert diff.numel() == 0 or (int(diff.max()) <= 1 and float((diff > 0).float().mean()) < 0.02), key
 
 
 def test_kernel_quantizer_on_subnormal_and_huge_finite_values(kernel_or_triton):
