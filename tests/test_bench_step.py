@@ -2,6 +2,7 @@
 probe, n/a rows, target verdicts and the markdown/PNG it writes.  No timing is asserted."""
 import math
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -310,6 +311,10 @@ def test_cli_writes_its_section_and_keeps_the_other(tmp_path):
         assert float(cells[1]) > 0 and int(cells[3]) >= 1
         assert cells[4] == ("44.00" if r.variant.startswith("ours") else "28.01")
     assert "**not evaluated**" in cpu  # no ResNet-50 rows in this run
+    # The compute probe, measured at the start, in each round and at the end: its spread in the run notes.
+    probe = next(ln for ln in cpu.splitlines() if ln.startswith("- compute probe"))
+    lo, hi, count = re.search(r"([\d.]+)–([\d.]+) ns per element over (\d+) measurements", probe).groups()
+    assert 0 < float(lo) <= float(hi) and int(count) == 3
     png = tmp_path / "bench_step_cpu.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # A second CPU run replaces the CPU section, not appends to it.

@@ -26,7 +26,7 @@ from typing import Dict, List
 import torch
 
 from bench.doc import HEADER, PLACEHOLDER, SECTION_BEGIN, SECTION_END, _extract, write_chart, write_doc
-from bench.measure import BandwidthFloor, CpuPeakMemory, cuda_peak_memory, time_fn
+from bench.measure import BandwidthFloor, ComputeProbe, CpuPeakMemory, cuda_peak_memory, time_fn
 from bench.report import (REPO_ROOT, RunInfo, Target, device_name, evaluate_targets, peak_mb, ratio_target,
                           readme_table, results_table, section, versions)
 from bench.run import (Bench, Row, Settings, compile_warmup, fits_in_memory, measure_cpu_memory, paired_ratios,
@@ -142,6 +142,10 @@ def main(argv=None) -> List[Row]:
     floor = BandwidthFloor(device, copy_mib, repeats=5 if quick else 10)
     s.floor = floor
     floor.measure()
+    probe = None if on_gpu else ComputeProbe(device)
+    s.probe = probe
+    if probe is not None:
+        probe.measure()
     print(f"  bandwidth floor: {floor.gbps:.1f} GB/s")
 
     all_rows: Dict[str, List[Row]] = {}
@@ -154,6 +158,9 @@ def main(argv=None) -> List[Row]:
         all_rows[model] = run_model(model, shapes[model], variants, s, kept=kept[model])
     floor.measure()
     print(f"  {floor.describe()}")
+    if probe is not None:
+        probe.measure()
+        print(f"  compute probe: {probe.describe()}")
     if s.memory and not on_gpu:
         measure_cpu_memory(all_rows, shapes, variants, kept)
     kept.clear()
@@ -164,7 +171,7 @@ def main(argv=None) -> List[Row]:
         device=device_name(device), device_type=device.type,
         date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         versions=run_versions, threads=torch.get_num_threads(), load_before=load_before, load_after=load_after,
-        copy_gbps=floor.gbps, floor_detail=floor.describe(),
+        copy_gbps=floor.gbps, floor_detail=floor.describe(), probe_detail=probe.describe() if probe else "",
         command="python tools/bench_step.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         settings=f"{s.rounds} round(s), each with {s.warmup} warm-up steps; up to {s.repeats} timed steps "
                  f"in all, at least {s.min_repeats}, stopping after {s.max_seconds:g} s per variant",

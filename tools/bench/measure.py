@@ -86,6 +86,30 @@ class BandwidthFloor:
                 f"**{self.gbps:.1f} GB/s**")
 
 
+class ComputeProbe:
+    """How steady the host's arithmetic was: ``torch.exp`` on 2^20 fp32 elements (4 MiB, in cache; bound
+    by the vector units, not by memory) with all threads, timed each time the floor is measured.  Steps
+    bound by arithmetic (8-bit states on a CPU) slow down when other guests share the host's cores while
+    memory-bound ones (AdamW) barely do, so a wide spread here flags a run whose ratios moved with it."""
+
+    N = 2 ** 20
+
+    def __init__(self, device: torch.device, repeats: int = 30):
+        self.device, self.repeats = device, repeats
+        self.ns: List[float] = []
+
+    def measure(self) -> None:
+        x = torch.empty(self.N, device=self.device).uniform_(-1.0, 1.0)
+        out = torch.empty_like(x)
+        kw = dict(warmup=2, repeats=self.repeats, min_repeats=self.repeats, max_seconds=float("inf"))
+        self.ns.append(statistics.median(time_fn(lambda: torch.exp(x, out=out), self.device, **kw)) / self.N * 1e9)
+
+    def describe(self) -> str:
+        return (f"`torch.exp` on 2^20 fp32 elements (in cache), median of {self.repeats} calls: "
+                f"{min(self.ns):.3f}–{max(self.ns):.3f} ns per element over {len(self.ns)} measurements "
+                f"(max/min {max(self.ns) / min(self.ns):.2f})")
+
+
 # ------------------------------------------------------------------------------------------ memory
 class CpuPeakMemory:
     """Peak resident memory of a call above the resident memory before it (Linux).

@@ -31,6 +31,7 @@ class RunInfo:
     floor_detail: str
     command: str
     settings: str
+    probe_detail: str = ""
 
 
 def device_name(device: torch.device) -> str:
@@ -327,6 +328,8 @@ def section(rows: Sequence[Row], info: RunInfo, chart: Optional[str]) -> str:
         + "/".join(f"{x:.2f}" for x in info.load_before) + ", after: "
         + "/".join(f"{x:.2f}" for x in info.load_after),
         f"- bandwidth floor (bytes read + written / median time): {info.floor_detail}",
+        *([f"- compute probe (how steady the host's arithmetic was): {info.probe_detail}"]
+          if info.probe_detail else []),
         "", "Targets (ratios from this run only):", "",
         "| target | result | numbers |", "|---|---|---|",
     ]

@@ -10,8 +10,8 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 
-from bench.measure import (BandwidthFloor, CpuPeakMemory, _sync, cuda_peak_memory, op_bytes,  # noqa: F401 (Settings.floor)
-                           time_fn)
+from bench.measure import (BandwidthFloor, ComputeProbe, CpuPeakMemory, _sync,  # noqa: F401 (Settings' types)
+                           cuda_peak_memory, op_bytes, time_fn)
 from bench.shapes import Shape, numel
 from bench.variants import Unavailable, Variant, state_bytes, step_bytes
 
@@ -54,6 +54,7 @@ class Settings:
     memory: bool = True
     rounds: int = 1
     floor: Optional["BandwidthFloor"] = None
+    probe: Optional["ComputeProbe"] = None
     compile_models: Sequence[str] = ()
     compile_budget: float = 600.0
 
@@ -218,6 +219,8 @@ def run_model(model: str, shapes: Sequence[Shape], variants: Sequence[Variant], 
     for rnd in range(s.rounds):
         if s.floor is not None:
             s.floor.measure()
+        if s.probe is not None:
+            s.probe.measure()
         for row, variant in zip(rows, variants):
             if row.reason is not None:
                 continue
