@@ -50,6 +50,10 @@ in that run's section.  Re-run it to refresh a section (the other device's secti
   the in-place add is the faster one: a copy's write-only destination costs an extra read for ownership
   that the optimizers' in-place updates do not pay.  A step that moved its bytes as fast as that would
   reach 100%; an unfused step whose per-tensor passes stay in cache can exceed it on small tensors.
+- **compute probe** (CPU runs, in the run notes): `torch.exp` on 2^20 fp32 elements, which stay in cache,
+  timed whenever the floor is, as ns per element.  A step bound by arithmetic (8-bit states on a CPU)
+  slows down when other guests share the host's cores, a memory-bound one much less, so a probe that
+  spread widely over a run (max/min well above 1) marks ratios between such steps as moved by the host.
 - **state MiB**: the optimizer state tensors.  **peak MiB beyond states**: memory one step allocates on top
   of parameters, gradients and states, i.e. its temporaries.  CUDA: `torch.cuda.max_memory_allocated()`
   during the step minus `memory_allocated()` before it.  CPU: the process's resident-set high-water mark
@@ -125,16 +129,38 @@ maxima during the update) took it from 4.3× to about 1.7× AdamW on ResNet-50 s
 1.53 ns per element: the update's own sqrt(n) reused for exp_avg_sq's code, one comparison per level
 instead of two, and a shorter quantizer for blocks whose values are all finite) to 1.2–1.4× on ResNet-50
 and ViT-B/16 shapes; a third step (the level increment and the sign applied to the code bytes) saved
-another 2–3% (1.49 ns per element).  The ratio moves with the host's momentary bandwidth, since AdamW
-streams and the 8-bit step computes: three runs of this page on the same machine gave 1.36–1.46× on
-ResNet-50 shapes and 1.26–1.80× on ViT-B/16 shapes (the 1.80× under rising load, quartiles 1.19–2.04×).
-Timed alone, the four quantizers take about 8 cycles per 16 values and state, and dropping any single
-instruction saves 0.2–1.1 cycles, so only fewer instructions would help.  Tried and dropped, each measured
-no faster: software prefetch one to eight blocks ahead, writing a block's codes while the next block
-updates (to overlap the divider), 256-bit vectors, an integer threshold comparison and a sign-bit settle
-instead of the mask comparison.  On a CPU with full-width AVX-512 units and half this machine's memory bandwidth (the Intel
-Xeon the issue quotes: AdamW 26.5 ms per ResNet-50 step, 2.5× slower than here) the balance shifts
-towards memory; no run there exists yet.
+another 2–3% (1.49 ns per element), a fourth (one finiteness sum per block over the new parameters, which
+every NaN state reaches, instead of one per state) another 2.5% (1.23 → 1.19 ns per element in a
+one-core harness at 32768 elements).  Timed alone, the four quantizers take about 8 cycles per 16 values
+and state, and dropping any single instruction saves 0.2–1.1 cycles, so only fewer instructions would
+help.  Tried and dropped, each measured no faster: software prefetch one to eight blocks ahead, writing a
+block's codes while the next block updates (to overlap the divider), 256-bit vectors, an integer
+threshold comparison and a sign-bit settle instead of the mask comparison; skipping the multiplications
+by 1 (no clipping, proximal decay) saved under 3%.
+
+How far the target is: AdamW's op takes 0.47–0.54 ns per element on two threads at 25M elements (bound
+by memory), so the 8-bit op, which scales about 1.85× on the two cores, would need about 0.9 ns per
+element on one core at that size, where it takes 1.3: some 30% fewer instructions.  The largest saving
+found is another map, not adopted: float-like codes (sign, 4-bit exponent, 3-bit mantissa below the
+block's scale, converted with vcvtps2ph / vcvtph2ps and a few 16-bit integer operations) took the
+one-core harness from 1.21 to 0.93 ns per element (23% less) and the step to 1.25× AdamW on ResNet-50
+shapes (step against step, in a run of its own; the square map's run before it: 1.36×), still above 1.0,
+while it would change the checkpoint format, every kernel (CPU, CUDA, Triton) and the accuracy profile
+(3 mantissa bits: up to 6% relative error at any magnitude, where the square map errs by at most 1.1% at
+half the block's maximum); the same map built from integer bit operations instead of the conversion
+instructions measured no faster (0.97).  Python's part of a step is not the difference: with the kernels
+replaced by no-ops, a ResNet-50 step (161 tensors) takes 0.55 ms in our `step()` and 0.51 ms in
+`AdamW(fused=True).step()`.
+
+The ratio moves with the host: AdamW streams and the 8-bit step computes, so when other guests load the
+host's cores (likely the other hardware thread of each physical core; the guest sees no steal time) the
+8-bit step slows and AdamW barely does.  Runs of this page on the same machine gave 1.27–1.80× on
+ResNet-50 shapes and 1.30–1.80× on ViT-B/16 shapes (ResNet-50: 1.79× and 1.80× in two runs at 01:35 and
+01:41 UTC on 2026-11-27, between which the 8-bit op alone took 1.36 ns per element on two threads and
+0.69 a minute later; 1.27× in the run below, whose compute probe still spread 1.43×).  On a CPU with
+full-width AVX-512 units and half this machine's memory bandwidth (the Intel Xeon the issue quotes: AdamW
+26.5 ms per ResNet-50 step, 2.5× slower than here) the balance shifts towards memory; no run there
+exists yet.
 
 Why the CPU target "ours fused ≥ 6× faster than timm's Adan foreach" (ResNet-50 shapes, fp32) is out of
 reach: on these model sizes the steps are bound by memory bandwidth, not by arithmetic (ours fused runs at
