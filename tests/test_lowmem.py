@@ -166,7 +166,9 @@ def test_nonfinite_blocks_are_those_of_the_cuda_code(data):
         bad = ~torch.isfinite(ca[k]).repeat_interleave(256)[:numel]
         assert torch.equal(sa[k][bad], sb[k][bad]), key
         diff = (sa[k][~bad].int() - sb[k][~bad].int()).abs()
-        assert diff.numel() == 0 or (int(diff.max()) <= 1 and float((diff > 0).float().mean()) < 0.02), key
+        # fp32 rounding moved a value across a level's threshold: one level, on a few elements at most.
+        flips = int((diff > 0).sum())
+        assert diff.numel() == 0 or (int(diff.max()) <= 1 and flips <= max(2, diff.numel() // 50)), key
 
 
 def test_kernel_quantizer_on_subnormal_and_huge_finite_values(kernel_or_triton):
