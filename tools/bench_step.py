@@ -139,13 +139,9 @@ def main(argv=None) -> List[Row]:
     load_before = os.getloadavg()
     print(f"bench_step: {device_name(device)}; torch {torch.__version__}, {torch.get_num_threads()} threads; "
           f"load {load_before[0]:.2f}")
-    floor = BandwidthFloor(device, copy_mib, repeats=5 if quick else 10)
-    s.floor = floor
-    floor.measure()
-    probe = None if on_gpu else ComputeProbe(device)
-    s.probe = probe
-    if probe is not None:
-        probe.measure()
+    floor = s.floor = BandwidthFloor(device, copy_mib, repeats=5 if quick else 10)
+    probe = s.probe = None if on_gpu else ComputeProbe(device)
+    s.measure_host()
     print(f"  bandwidth floor: {floor.gbps:.1f} GB/s")
 
     all_rows: Dict[str, List[Row]] = {}
@@ -156,10 +152,9 @@ def main(argv=None) -> List[Row]:
         print(f"{model}: {len(shapes[model])} tensors, {numel(shapes[model]) / 1e6:.2f}M params")
         kept[model] = {}
         all_rows[model] = run_model(model, shapes[model], variants, s, kept=kept[model])
-    floor.measure()
+    s.measure_host()
     print(f"  {floor.describe()}")
     if probe is not None:
-        probe.measure()
         print(f"  compute probe: {probe.describe()}")
     if s.memory and not on_gpu:
         measure_cpu_memory(all_rows, shapes, variants, kept)

@@ -58,6 +58,12 @@ class Settings:
     compile_models: Sequence[str] = ()
     compile_budget: float = 600.0
 
+    def measure_host(self) -> None:
+        """One more measurement of the bandwidth floor and the compute probe (those this run has)."""
+        for m in (self.floor, self.probe):
+            if m is not None:
+                m.measure()
+
 
 class Bench:
     """One model's parameters and gradients; builds each variant on fresh copies of the parameters."""
@@ -217,10 +223,7 @@ def run_model(model: str, shapes: Sequence[Shape], variants: Sequence[Variant], 
     min_round = max(1, math.ceil(s.min_repeats / s.rounds))
     compiled_live: Dict[str, tuple] = {}   # compiled once, reused by every round
     for rnd in range(s.rounds):
-        if s.floor is not None:
-            s.floor.measure()
-        if s.probe is not None:
-            s.probe.measure()
+        s.measure_host()
         for row, variant in zip(rows, variants):
             if row.reason is not None:
                 continue
