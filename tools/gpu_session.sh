@@ -5,7 +5,7 @@
 #   build   adan_plugin._C with its CUDA kernels for the visible GPU, and (when OFFICIAL_ADAN names a
 #           copy of sail-sg/Adan kept outside this repository) the official fused_adan extension in place
 #           there, in parallel;
-#   checks  tools/gpu_checks.sh: the CUDA/Triton test files and compute-sanitizer memcheck;
+#   checks  tools/gpu_checks.sh: the CUDA/Triton test files and compute-sanitizer memcheck and synccheck;
 #   train   the digits demo (tools/train_timm.py, the README's recipe) on the CPU, then on CUDA with the
 #           fused kernels under AMP bf16 and AMP fp16 + GradScaler; top-1 of each, same machine, same run;
 #   bench   tools/bench_step.py --device cuda (docs/benchmarks.md's CUDA section and chart);
