@@ -88,7 +88,9 @@ class Adan(Optimizer):
         caution: timm's "Cautious Optimizers" masking of the momentum term.
         foreach: ``True``: the ``torch._foreach_*`` path; ``False``: the
             single-tensor path (as in ``torch.optim``; an explicit value is not
-            fused unless ``fused=True``); ``None`` lets ``fused`` decide, else
+            fused unless ``fused=True`` or an option only the fused kernels
+            implement, e.g. ``state_dtype``, asks for them; ``foreach=True`` is
+            then refused, as torch refuses it with ``fused=True``); ``None`` lets ``fused`` decide, else
             the faster unfused path for the device (single-tensor on CPU,
             foreach on GPU).
         fused: use the fused kernels (compiled, or Triton's on a GPU; see
@@ -230,11 +232,13 @@ class Adan(Optimizer):
         fused_only = [k for k in _FUSED_ONLY if group[k] not in (None, False)]
         for key, value in (("fused", False), ("foreach", True)):
             if fused_only and group[key] is value:
-                raise ValueError(f"Adan: {', '.join(fused_only)} need the fused kernels; they cannot be "
-                                 f"combined with {key}={value}")
+                raise ValueError(f"Adan: {', '.join(fused_only)} {'needs' if len(fused_only) == 1 else 'need'} "
+                                 f"the fused kernels; they cannot be combined with {key}={value}")
         if (group["fused"] or fused_only) and group["caution"]:
+            fix = (f"{', '.join(fused_only)} {'needs' if len(fused_only) == 1 else 'need'} them" if fused_only
+                   else "use fused=None or fused=False")
             raise ValueError("Adan: the fused kernels do not implement caution=True (its per-tensor "
-                             "mask mean needs a second pass); use fused=None or fused=False")
+                             f"mask mean needs a second pass); {fix}")
 
     def _check_honourable(self, group: Dict[str, Any]) -> None:
         """What ``group`` asks for (a checkpoint's options) can run with this optimizer's choices."""

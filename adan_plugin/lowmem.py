@@ -17,7 +17,7 @@ Quantizing: ``s = cmax**2 / A`` (0 when ``A < 1e-30``), ``v = min(|x| * s, cmax*
 in float32 (NaN: ``cmax**2``), and ``c`` the integer nearest to ``sqrt(v)``, ties up,
 exactly (``(c - 1/2)**2 <= v < (c + 1/2)**2``), with x's sign (+ for NaN); a
 positive ``exp_avg_sq`` never gets code 0 (code 1 at least).  Smaller tensors keep
-float32 states.  Memory: 4 B + 16/256 B = 4.0625 B per parameter (fp32: 16).
+float32 states, complex parameters complex64 ones.  Memory: 4 B + 16/256 B = 4.0625 B per parameter (fp32: 16).
 
 Kahan summation (``kahan_sum=True``): a bfloat16/float16 parameter's state
 holds ``kahan_comp`` (same dtype and layout); the parameter's value is taken as
@@ -48,12 +48,14 @@ SCALE_SUFFIX = "_scale"
 SCALE_KEYS = tuple(k + SCALE_SUFFIX for k in STATE_KEYS)
 KAHAN_KEY = "kahan_comp"
 _MIN_ABSMAX = 1e-30
+_MAX_SQ_SCALE = float(torch.finfo(torch.float32).max) ** 0.5
 _SIGNED_MAX, _UNSIGNED_MAX = 127, 255
 
 
 def uses_8bit(p: Tensor, state_dtype: Any) -> bool:
-    """Whether a parameter's states are 8-bit under ``state_dtype``."""
-    return state_dtype == EIGHT_BIT and p.numel() >= MIN_NUMEL
+    """Whether a parameter's states are 8-bit under ``state_dtype``: complex parameters keep complex64
+    states (the kernels step them as their float32 view, whose blocks the codes would have to follow)."""
+    return state_dtype == EIGHT_BIT and p.numel() >= MIN_NUMEL and not p.is_complex()
 
 
 def uses_kahan(p: Tensor, kahan_sum: bool) -> bool:
@@ -164,6 +166,8 @@ def kahan_buffer(state: Dict[str, Any], p: Tensor, kahan_sum: bool) -> Optional[
     comp = state.get(KAHAN_KEY)
     if comp is None:
         comp = state[KAHAN_KEY] = torch.zeros_like(p, memory_format=torch.preserve_format)
+    elif comp.dtype != p.dtype:  # the parameter changed dtype (p.data = p.data.half()): carry the error over
+        comp = state[KAHAN_KEY] = comp.to(p.dtype)
     return comp
 
 
@@ -179,7 +183,7 @@ def check_saved_state(st: Dict[str, Any], param: Tensor) -> Optional[str]:
         if not isinstance(value, Tensor):
             return f"state '{key}' is a {type(value).__name__}, not a tensor"
         if not quantized:
-            if not value.is_floating_point():
+            if not (value.is_floating_point() or value.is_complex()):
                 return f"state '{key}' is {value.dtype} while 'exp_avg' is not 8-bit (int8)"
             if scale is not None:
                 return f"'{key + SCALE_SUFFIX}' next to a {value.dtype} '{key}' (scales belong to 8-bit states)"
@@ -226,7 +230,12 @@ def _hook_check(st: Dict[str, Any], param: Tensor, where: str) -> None:
             if key != "exp_avg_sq" and bool((codes == -_SIGNED_MAX - 1).any()):
                 raise ValueError(f"{at} holds code -128; 8-bit codes lie in [-127, 127]")
             if not bool((torch.isfinite(scale) & (scale >= 0)).all()):
-                raise ValueError(f"{at + SCALE_SUFFIX!r} holds NaN, Inf or negative scales (block maxima)")
+                raise ValueError(f"{where}['{key + SCALE_SUFFIX}'] holds NaN, Inf or negative scales (block maxima)")
+            # exp_avg_sq's scale is the block's largest sqrt(n): past sqrt(float32 max) its n is Inf,
+            # which a float exp_avg_sq may not hold either.
+            if key == "exp_avg_sq" and not bool(torch.isfinite(scale * scale).all()):
+                raise ValueError(f"{where}['{key + SCALE_SUFFIX}'] holds scales above {_MAX_SQ_SCALE:.3g}: "
+                                 "the exp_avg_sq they stand for overflows float32")
     if KAHAN_KEY in st:
         _check_finite_moment(st[KAHAN_KEY], param, f"{where}['{KAHAN_KEY}']")
 
@@ -237,9 +246,9 @@ def _hook_adapt(out: Dict[str, Any], st: Dict[str, Any], p: Tensor, group: Dict[
     dequantized otherwise; a Kahan buffer kept only where ``kahan_sum`` applies."""
     state_dtype = group.get("state_dtype")
     out = {k: v for k, v in out.items() if k not in SCALE_KEYS}
-    coded = [k for k in STATE_KEYS if isinstance(out.get(k), Tensor) and not out[k].is_floating_point()]
+    coded = [k for k in STATE_KEYS if isinstance(out.get(k), Tensor) and out[k].dtype == code_dtype(k)]
     for key in coded:
-        codes, scale = out[key].to(p.device), st[key + SCALE_SUFFIX].to(p.device)
+        codes, scale = out[key].to(p.device), st[key + SCALE_SUFFIX].to(p.device).contiguous()
         if uses_8bit(p, state_dtype) and (codes.stride() == p.stride() or is_dtensor(p)):
             out[key], out[key + SCALE_SUFFIX] = codes, scale
         else:

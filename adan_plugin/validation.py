@@ -133,7 +133,10 @@ def step_hyperparameters(group: Dict[str, Any]) -> Dict[str, float]:
 
 def default_state_dtype(param: Tensor, state_dtype: Optional[torch.dtype]) -> torch.dtype:
     """The dtype of a parameter's float states: ``state_dtype``, else the parameter's, except fp32 for
-    fp16; fp32 under ``"8bit"`` (parameters too small to quantize, and the dtype 8-bit states load from)."""
+    fp16; fp32 under ``"8bit"`` (parameters too small to quantize, and the dtype 8-bit states load from).
+    A complex parameter's states are always of its dtype (no 16-bit or 8-bit complex states)."""
+    if param.is_complex():
+        return param.dtype
     if state_dtype == EIGHT_BIT:
         return torch.float32
     if state_dtype is not None:
@@ -183,7 +186,8 @@ def _check_finite_moment(value: Any, param: Tensor, where: str) -> None:
 
 def _check_second_moment(value: Any, param: Tensor, where: str) -> None:
     _check_finite_moment(value, param, where)
-    if bool((value < 0).any()):
+    # Complex parameters are stepped as their real view: both parts of exp_avg_sq are second moments.
+    if bool(((torch.view_as_real(value) if value.is_complex() else value) < 0).any()):
         raise ValueError(f"{where} holds negative values; a second moment (squared gradients) cannot")
 
 
@@ -199,8 +203,7 @@ def _relayout(value: Tensor, param: Tensor, dtype: torch.dtype) -> Tensor:
 
 
 def _convert_moment(value: Tensor, param: Tensor, group: Dict[str, Any]) -> Tensor:
-    dtype = param.dtype if param.is_complex() else default_state_dtype(param, group.get("state_dtype"))
-    return _relayout(value, param, dtype)
+    return _relayout(value, param, default_state_dtype(param, group.get("state_dtype")))
 
 
 def _convert_pre_grad(value: Tensor, param: Tensor, group: Dict[str, Any]) -> Tensor:

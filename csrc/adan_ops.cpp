@@ -45,7 +45,8 @@ void check_lowmem_args(at::TensorList params, bool q8, const AdanCall& call) {
                       s.numel() == blocks,
                   "adan_plugin.fused_adan_: ", names[k], "[", i, "] must be a contiguous float32 tensor of ",
                   blocks, " elements (one per ", quant::kQBlock, " elements) on ", params[i].device(), ", got ",
-                  s.scalar_type(), " of shape ", s.sizes(), " on ", s.device());
+                  s.is_contiguous() ? "" : "non-contiguous ", s.scalar_type(), " of shape ", s.sizes(), " on ",
+                  s.device());
     }
   }
   const std::vector<at::Tensor>& comps = call.kahan_comps;

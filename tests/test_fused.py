@@ -305,9 +305,10 @@ def test_fused_true_without_extension_says_how_to_build(monkeypatch):
 @pytest.mark.parametrize("kwargs,match", [
     (dict(fused=True, caution=True), "caution"),
     (dict(state_dtype=torch.bfloat16, caution=True), "caution"),
-    (dict(fused=False, state_dtype=torch.bfloat16), "need the fused kernels"),
-    (dict(fused=False, capturable=True), "need the fused kernels"),
-    (dict(foreach=True, state_dtype=torch.bfloat16), "need the fused kernels"),
+    (dict(state_dtype="8bit", caution=True), r"caution=True .*; state_dtype needs them$"),
+    (dict(fused=False, state_dtype=torch.bfloat16), "needs? the fused kernels"),
+    (dict(fused=False, capturable=True), "needs? the fused kernels"),
+    (dict(foreach=True, state_dtype=torch.bfloat16), "needs? the fused kernels"),
     (dict(fused=True, state_dtype=torch.float64), "state_dtype must be one of"),
 ])
 def test_bad_fused_options(kwargs, match):

@@ -422,7 +422,7 @@ def test_small_tensors_keep_fp32_states_and_memory_per_parameter():
 
 def test_8bit_needs_the_fused_path():
     p = torch.nn.Parameter(torch.randn(5000))
-    with pytest.raises(ValueError, match="need the fused kernels"):
+    with pytest.raises(ValueError, match="needs? the fused kernels"):
         Adan([p], state_dtype="8bit", fused=False)
     with pytest.raises(ValueError, match="state_dtype must be one of"):
         Adan([p], state_dtype="4bit")
@@ -549,6 +549,8 @@ def test_8bit_checkpoint_converted_for_timm_continues_like_ours_fp32():
     (lambda st: st.update(exp_avg_sq_scale=torch.empty(st["exp_avg_sq_scale"].shape, device="meta")), "meta"),
     (lambda st: st.update(kahan_comp=torch.full((5000,), float("inf"))), "kahan_comp"),
     (lambda st: st.update(kahan_comp=torch.zeros(5000, dtype=torch.int16)), "kahan_comp"),
+    # sqrt(n)'s block maximum past sqrt(float32 max): n itself would be Inf
+    (lambda st: st["exp_avg_sq_scale"].__setitem__(0, 2e19), "overflows float32"),
 ])
 def test_damaged_8bit_checkpoint_is_refused_before_anything_changes(damage, match):
     params, opt = _trained("8bit")
@@ -562,6 +564,61 @@ def test_damaged_8bit_checkpoint_is_refused_before_anything_changes(damage, matc
     for i, st in before["state"].items():
         assert all(torch.equal(v, after["state"][i][k]) if torch.is_tensor(v) else v == after["state"][i][k]
                    for k, v in st.items())
+
+
+def test_8bit_checkpoint_with_strided_scales_loads_and_steps_as_the_original():
+    # The kernels take contiguous scales; a checkpoint's may be a strided view (same values).
+    params, opt = _trained("8bit")
+    sd = copy.deepcopy(opt.state_dict())
+    for key in lowmem.SCALE_KEYS:
+        s = sd["state"][1][key]
+        sd["state"][1][key] = torch.stack([s, s], 1)[:, 0]
+        assert not sd["state"][1][key].is_contiguous()
+    params2 = _clone_params(params)
+    opt2 = Adan(params2, lr=1e-2, weight_decay=0.02, state_dtype="8bit")
+    opt2.load_state_dict(sd)
+    assert all(opt2.state[params2[1]][k].is_contiguous() for k in lowmem.SCALE_KEYS)
+    _feed(params, opt, 2, seed=7)
+    _feed(params2, opt2, 2, seed=7)
+    assert all(torch.equal(p, q) for p, q in zip(params, params2))
+    assert opt2.param_groups[0]["step"] == opt.param_groups[0]["step"] == 7
+
+
+@pytest.mark.parametrize("state_dtype", ["8bit", torch.bfloat16])
+def test_complex_parameters_keep_complex64_states(state_dtype):
+    # The kernels step a complex parameter as its float32 view; 8-bit codes (blocks of the view) and
+    # 16-bit states have no complex form, so its states stay complex64, and it moves exactly as with
+    # float states, next to real parameters whose states are 8-bit or bf16.
+    torch.manual_seed(0)
+    init = [torch.randn(5000), torch.randn(8192, dtype=torch.complex64), torch.randn(64, dtype=torch.complex64)]
+    runs = {}
+    for sd in (state_dtype, None):
+        ps = [torch.nn.Parameter(t.clone()) for t in init]
+        opt = Adan(ps, lr=1e-2, weight_decay=0.02, state_dtype=sd, fused=True)
+        gen = torch.Generator().manual_seed(1)
+        for _ in range(3):
+            for p in ps:
+                p.grad = torch.randn(p.shape, dtype=p.dtype, generator=gen)
+            opt.step()
+        runs[sd] = ps, opt
+    ps, opt = runs[state_dtype]
+    assert opt.state[ps[0]]["exp_avg"].dtype == (torch.int8 if state_dtype == "8bit" else torch.bfloat16)
+    for p, ref in zip(ps[1:], runs[None][0][1:]):
+        assert all(opt.state[p][k].dtype == torch.complex64 for k in STATE_KEYS)
+        assert torch.equal(p, ref)
+    # Its checkpoint loads back into this optimizer and into the unfused paths (exp_avg_sq's real and
+    # imaginary parts are each a second moment: non-negative), and a negative part is refused.
+    for kw in (dict(state_dtype=state_dtype), dict(fused=False), dict(fused=False, foreach=True)):
+        qs = _clone_params(ps)
+        o2 = Adan(qs, lr=1e-2, weight_decay=0.02, **kw)
+        o2.load_state_dict(copy.deepcopy(opt.state_dict()))
+        assert torch.equal(o2.state[qs[1]]["exp_avg_sq"], opt.state[ps[1]]["exp_avg_sq"])
+    sd = copy.deepcopy(opt.state_dict())
+    torch.view_as_real(sd["state"][1]["exp_avg_sq"])[0, 1] = -1.0
+    o3 = Adan(_clone_params(ps), lr=1e-2, state_dtype=state_dtype)
+    with pytest.raises(ValueError, match="exp_avg_sq.*negative values"):
+        o3.load_state_dict(sd)
+    assert not o3.state
 
 
 # ------------------------------------------------------------ Kahan summation
@@ -755,6 +812,24 @@ def test_8bit_step_after_the_parameter_changed_layout():
         assert opt.state[p][k].stride() == p.stride()
         assert torch.equal(opt.state[p][k], oref.state[ref][k]), k
     assert torch.equal(p, ref)
+
+
+@pytest.mark.parametrize("kw", [dict(fused=False), dict(fused=True), dict(state_dtype="8bit")])
+def test_kahan_buffer_follows_a_parameter_dtype_change(kw):
+    # p.data = p.data.half() between steps: the buffer is converted (it carries the same rounding error
+    # over) instead of reaching the kernels in the old dtype.
+    torch.manual_seed(0)
+    p = torch.nn.Parameter(torch.randn(5000).bfloat16())
+    opt = Adan([p], lr=1e-2, kahan_sum=True, **kw)
+    p.grad = torch.randn_like(p)
+    opt.step()
+    comp = opt.state[p]["kahan_comp"].clone()
+    assert comp.abs().max() > 0
+    p.data = p.data.half()
+    p.grad = torch.zeros_like(p)
+    opt.step()
+    assert opt.state[p]["kahan_comp"].dtype == torch.float16 and opt.param_groups[0]["step"] == 2
+    assert torch.isfinite(p).all() and torch.isfinite(opt.state[p]["kahan_comp"]).all()
 
 
 @pytest.mark.parametrize("value", [1, None, "yes"])

@@ -514,8 +514,8 @@ def test_fused_none_never_picks_triton_on_cpu():
 @pytest.mark.parametrize("kwargs,error,match", [
     (dict(fused_backend="triton", caution=True), ValueError, "caution"),
     (dict(fused_backend="tritno"), ValueError, "fused_backend must be None or one of"),
-    (dict(fused_backend="triton", fused=False), ValueError, "need the fused kernels"),
-    (dict(fused_backend="triton", foreach=True), ValueError, "need the fused kernels"),
+    (dict(fused_backend="triton", fused=False), ValueError, "needs? the fused kernels"),
+    (dict(fused_backend="triton", foreach=True), ValueError, "needs? the fused kernels"),
     (dict(fused_backend="cuda"), RuntimeError, "runs on cuda tensors, not on cpu"),
 ])
 def test_bad_backend_options(kwargs, error, match):

@@ -41,7 +41,8 @@ def dtype_from_config(name: str, value: Any) -> Any:
         return value
     dtype = getattr(torch, value[len("torch."):] if value.startswith("torch.") else value, None)
     if not isinstance(dtype, torch.dtype):
-        raise ValueError(f"{name}={value!r} is not a torch dtype name (e.g. 'bfloat16', 'float16', 'float32')")
+        raise ValueError(f"{name}={value!r} is neither '8bit' (8-bit block-wise states) nor a torch dtype name "
+                         "(e.g. 'bfloat16', 'float32')")
     return dtype
 
 
