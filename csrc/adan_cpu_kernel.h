@@ -105,10 +105,23 @@ struct Io<float> {
   }
 };
 
+// Calls f(first, low) with both flags as std::bool_constant: the loops below take a parameter's first
+// step (no gradient difference) and the momentum weights' lerp formula (adan_lerp) as template
+// arguments, decided once per call instead of once per vector.
+template <typename F>
+C10_ALWAYS_INLINE void with_loop_flags(bool first, const AdanCoeffs& c, F&& f) {
+  const bool low = adan_low_weights(c);
+  if (first) {
+    low ? f(std::true_type(), std::true_type()) : f(std::true_type(), std::false_type());
+  } else {
+    low ? f(std::false_type(), std::true_type()) : f(std::false_type(), std::false_type());
+  }
+}
+
 #include "adan_cpu_lowmem.h"
 
 // 2*kW elements (cnt of them at a tensor's end) of one tensor; comp: its Kahan compensation or null.
-template <typename P, typename S, bool kFirst>
+template <typename P, typename S, bool kFirst, bool kLow>
 C10_ALWAYS_INLINE void update_block(P* p, const P* g, S* m, S* n, S* d, S* neg, P* comp, int64_t cnt,
                                     const AdanCoeffs& c) {
   fVec p0, p1, g0, g1, m0, m1, n0, n1, d0, d1, e0, e1;
@@ -118,8 +131,8 @@ C10_ALWAYS_INLINE void update_block(P* p, const P* g, S* m, S* n, S* d, S* neg, 
   Io<S>::load(n, cnt, n0, n1);
   Io<S>::load(d, cnt, d0, d1);
   Io<S>::load(neg, cnt, e0, e1);
-  adan_update(p0, g0, m0, n0, d0, e0, c, kFirst);
-  adan_update(p1, g1, m1, n1, d1, e1, c, kFirst);
+  adan_update<kLow>(p0, g0, m0, n0, d0, e0, c, kFirst);
+  adan_update<kLow>(p1, g1, m1, n1, d1, e1, c, kFirst);
   ParamIo<P>::store(p, comp, cnt, p0, p1);
   Io<S>::store(m, cnt, m0, m1);
   Io<S>::store(n, cnt, n0, n1);
@@ -127,11 +140,10 @@ C10_ALWAYS_INLINE void update_block(P* p, const P* g, S* m, S* n, S* d, S* neg, 
   Io<S>::store(neg, cnt, e0, e1);
 }
 
-// `first` as a template argument folds the per-vector select away; full
-// blocks (constant count: no tail tests) then one partial block; the
+// Full blocks (constant count: no tail tests) then one partial block; the
 // coefficients copied to a local, which the stores cannot alias, so their
 // broadcasts stay in registers instead of being reloaded every iteration.
-template <typename P, typename S, bool kFirst>
+template <typename P, typename S, bool kFirst, bool kLow>
 C10_ALWAYS_INLINE void update_loop(const CpuTensor& t, int64_t begin, int64_t end, const AdanCoeffs& coeffs) {
   const AdanCoeffs c = coeffs;
   P* p = static_cast<P*>(t.p);
@@ -143,18 +155,17 @@ C10_ALWAYS_INLINE void update_loop(const CpuTensor& t, int64_t begin, int64_t en
   P* comp = static_cast<P*>(t.comp);
   int64_t i = begin;
   for (; i + 2 * kW <= end; i += 2 * kW)
-    update_block<P, S, kFirst>(p + i, g + i, m + i, n + i, d + i, neg + i, comp ? comp + i : nullptr, 2 * kW, c);
+    update_block<P, S, kFirst, kLow>(p + i, g + i, m + i, n + i, d + i, neg + i, comp ? comp + i : nullptr, 2 * kW,
+                                     c);
   if (i < end)
-    update_block<P, S, kFirst>(p + i, g + i, m + i, n + i, d + i, neg + i, comp ? comp + i : nullptr, end - i, c);
+    update_block<P, S, kFirst, kLow>(p + i, g + i, m + i, n + i, d + i, neg + i, comp ? comp + i : nullptr, end - i, c);
 }
 
 template <typename P, typename S>
 void update_range_t(const CpuTensor& t, int64_t begin, int64_t end, const AdanCoeffs& c) {
-  if (t.first) {
-    update_loop<P, S, true>(t, begin, end, c);
-  } else {
-    update_loop<P, S, false>(t, begin, end, c);
-  }
+  with_loop_flags(t.first, c, [&](auto first, auto low) {
+    update_loop<P, S, decltype(first)::value, decltype(low)::value>(t, begin, end, c);
+  });
 }
 
 template <typename P>

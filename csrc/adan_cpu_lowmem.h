@@ -58,15 +58,16 @@ C10_ALWAYS_INLINE fVec codes_to_float(__m128i b) {
 }
 template <typename Q>
 C10_ALWAYS_INLINE void load_codes(const Q* q, int64_t cnt, fVec& a, fVec& b) {
-  alignas(16) Q tmp[2 * kW] = {};
-  const Q* src = q;
-  if (cnt < 2 * kW) {
+  if (cnt >= 2 * kW) {  // 8-byte loads, which the conversions take as memory operands
+    a = codes_to_float<Q>(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(q)));
+    b = codes_to_float<Q>(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(q + kW)));
+  } else {
+    alignas(16) Q tmp[2 * kW] = {};
     std::memcpy(tmp, q, cnt);
-    src = tmp;
+    const __m128i v = _mm_load_si128(reinterpret_cast<const __m128i*>(tmp));
+    a = codes_to_float<Q>(v);
+    b = codes_to_float<Q>(_mm_srli_si128(v, 8));
   }
-  const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src));
-  a = codes_to_float<Q>(v);
-  b = codes_to_float<Q>(_mm_srli_si128(v, 8));
 }
 // store_codes: c holds integer-valued floats in [-255, 255], written as codes.  min_or_top(v, top):
 // min(v, top), and top where v is NaN.  sqrt_estimate(v): sqrt(v) within kLevelSlack (v >= 0, 0 for 0);
@@ -131,6 +132,16 @@ C10_ALWAYS_INLINE void opaque(fVec& v) {
 // max) keeps an Inf but skips a NaN operand, so the update loop says instead whether a NaN can be in
 // the block (BlockFlag below); such a block is rescanned exactly from the buffer and quantized with
 // the clamped sequence, every other block with the shorter one for finite values.
+// The exact maximum of buf[0, len), for blocks that BlockFlag cannot clear of NaN.
+inline float exact_max(const float* buf, int64_t len) {
+  float out = 0.0f;
+  for (int64_t j = 0; j < len; ++j) {
+    out = quant::max_nan(out, std::fabs(buf[j]));
+    if (std::isnan(out)) break;
+  }
+  return out;
+}
+
 struct BlockMax {
   fVec acc = fVec(0.0f);
 #if defined(CPU_CAPABILITY_AVX512)
@@ -138,15 +149,19 @@ struct BlockMax {
     acc = _mm512_range_ps(acc, x, 0x0B);  // imm[1:0] = 11: larger magnitude; imm[3:2] = 10: sign +
   }
   float get(const float* buf, int64_t len, bool finite) const {
-    if (!finite) {
-      float out = 0.0f;
-      for (int64_t j = 0; j < len; ++j) {
-        out = quant::max_nan(out, std::fabs(buf[j]));
-        if (std::isnan(out)) break;
-      }
-      return out;
-    }
-    return _mm512_reduce_max_ps(acc);
+    return finite ? _mm512_reduce_max_ps(acc) : exact_max(buf, len);
+  }
+#elif defined(CPU_CAPABILITY_AVX2)
+  // vmaxps returns its second operand when either is NaN: with |x| first, a NaN is skipped as vrangeps
+  // skips it, and an Inf kept.
+  C10_ALWAYS_INLINE void add(const fVec& x) {
+    acc = _mm256_max_ps(_mm256_andnot_ps(_mm256_set1_ps(-0.0f), x), acc);
+  }
+  float get(const float* buf, int64_t len, bool finite) const {
+    if (!finite) return exact_max(buf, len);
+    __m128 m = _mm_max_ps(_mm256_castps256_ps128(acc), _mm256_extractf128_ps(acc, 1));
+    m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+    return _mm_cvtss_f32(_mm_max_ss(m, _mm_movehdup_ps(m)));
   }
 #else
   C10_ALWAYS_INLINE void add(const fVec& x) { acc = at::vec::maximum(acc, x.abs()); }
@@ -171,10 +186,17 @@ struct BlockMax {
 // so is 0 / 0 in the lanes past a tensor's end, which hold zero states and gradients, when eps = 0).
 // The other builds always take their one, clamped, sequence.
 struct BlockFlag {
-#if defined(CPU_CAPABILITY_AVX512)
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
   fVec sum = fVec(0.0f);
-  C10_ALWAYS_INLINE void add(const fVec& p) { sum = _mm512_add_ps(sum, p); }
+  C10_ALWAYS_INLINE void add(const fVec& p) { sum = sum + p; }
+#if defined(CPU_CAPABILITY_AVX512)
   bool finite() const { return std::isfinite(_mm512_reduce_add_ps(sum)); }
+#else
+  bool finite() const {
+    const __m128 h = _mm_add_ps(_mm256_castps256_ps128(sum), _mm256_extractf128_ps(sum, 1));
+    return std::isfinite(_mm_cvtss_f32(_mm_hadd_ps(_mm_hadd_ps(h, h), h)));
+  }
+#endif
 #else
   C10_ALWAYS_INLINE void add(const fVec&) {}
   bool finite() const { return false; }
@@ -263,7 +285,7 @@ C10_ALWAYS_INLINE fVec quant_levels(const fVec& magnitude, const fVec& s, const 
   return c0 + ((v >= hi) & fVec(1.0f));
 }
 
-inline void quantize_signed_run(const float* x, int64_t len, float s, int8_t* q, bool /*finite*/) {
+inline void quantize_signed_clamped(const float* x, int64_t len, float s, int8_t* q) {
   const fVec vs(s), top(static_cast<float>(quant::kSignedMax * quant::kSignedMax)), zero(0.0f), sign_bit(-0.0f);
   for (int64_t j = 0; j < len; j += 2 * kW) {
     const int64_t cnt = std::min<int64_t>(2 * kW, len - j);
@@ -275,7 +297,7 @@ inline void quantize_signed_run(const float* x, int64_t len, float s, int8_t* q,
     store_codes(q + j, cnt, c0, c1);
   }
 }
-inline void quantize_sq_run(const float* u, int64_t len, float s, uint8_t* q, bool /*finite*/) {
+inline void quantize_sq_clamped(const float* u, int64_t len, float s, uint8_t* q) {
   const fVec vs(s), top(static_cast<float>(quant::kUnsignedMax * quant::kUnsignedMax)), zero(0.0f), one(1.0f);
   for (int64_t j = 0; j < len; j += 2 * kW) {
     const int64_t cnt = std::min<int64_t>(2 * kW, len - j);
@@ -287,6 +309,69 @@ inline void quantize_sq_run(const float* u, int64_t len, float s, uint8_t* q, bo
     store_codes(q + j, cnt, c0, c1);
   }
 }
+#if defined(CPU_CAPABILITY_AVX2)
+// The finite sequence of the AVX-512 build on 8 lanes: the level as an int32 (c0 converted, then the
+// comparison's all-ones mask, -1, subtracted), x's sign by vpsignd (as an integer, +0 zeroes a code
+// that is 0 anyway), the codes taken as the low byte of each lane (low_bytes16).  v = 0 (or a
+// subnormal v, which rsqrtps reads as 0) gives a NaN or inf c0, converted to 0x80000000: low byte 0,
+// below every threshold; a positive u still gets code 1 (exp_avg_sq: u's bits, as an unsigned
+// integer, are nonzero exactly when u > 0).
+template <bool kSq>
+C10_ALWAYS_INLINE __m256i level_ints8(__m256 x, __m256 s) {
+  const __m256 mag = kSq ? x : _mm256_andnot_ps(_mm256_set1_ps(-0.0f), x);
+  const __m256 v = _mm256_mul_ps(mag, s);
+  const __m256 c0 = _mm256_floor_ps(_mm256_fmadd_ps(v, _mm256_rsqrt_ps(v), _mm256_set1_ps(0.5f - kLevelSlack)));
+  const __m256 up =
+      _mm256_cmp_ps(v, _mm256_fmadd_ps(c0, c0, _mm256_add_ps(c0, _mm256_set1_ps(0.25f))), _CMP_GE_OQ);
+  const __m256i c = _mm256_sub_epi32(_mm256_cvttps_epi32(c0), _mm256_castps_si256(up));
+  if constexpr (kSq) {
+    return _mm256_max_epi32(c, _mm256_min_epu32(_mm256_castps_si256(x), _mm256_set1_epi32(1)));
+  } else {
+    return _mm256_sign_epi32(c, _mm256_castps_si256(x));
+  }
+}
+// The low byte of each of 16 int32 lanes, in order.
+C10_ALWAYS_INLINE __m128i low_bytes16(__m256i a, __m256i b) {
+  const __m256i pick_a = _mm256_setr_epi8(0, 4, 8, 12, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1,
+                                          0, 4, 8, 12, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1);
+  const __m256i pick_b = _mm256_setr_epi8(-1, -1, -1, -1, 0, 4, 8, 12, -1, -1, -1, -1, -1, -1, -1, -1,
+                                          -1, -1, -1, -1, 0, 4, 8, 12, -1, -1, -1, -1, -1, -1, -1, -1);
+  const __m256i ab = _mm256_or_si256(_mm256_shuffle_epi8(a, pick_a), _mm256_shuffle_epi8(b, pick_b));
+  // dwords: a0-3 b0-3 . . | a4-7 b4-7 . .
+  return _mm256_castsi256_si128(_mm256_permutevar8x32_epi32(ab, _mm256_setr_epi32(0, 4, 1, 5, 2, 3, 6, 7)));
+}
+// Reads whole 16-value groups of the block buffer (kQBlock floats: lanes past len hold stale values whose
+// codes are not written).
+template <bool kSq, typename Q>
+C10_ALWAYS_INLINE void quantize_finite(const float* x, int64_t len, float s, Q* q) {
+  const __m256 vs = _mm256_set1_ps(s);
+  int64_t j = 0;
+  for (; j + 2 * kW <= len; j += 2 * kW) {
+    const __m128i b = low_bytes16(level_ints8<kSq>(_mm256_loadu_ps(x + j), vs),
+                                  level_ints8<kSq>(_mm256_loadu_ps(x + j + kW), vs));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(q + j), b);
+  }
+  if (j < len) {
+    alignas(16) Q tmp[2 * kW];
+    _mm_store_si128(reinterpret_cast<__m128i*>(tmp), low_bytes16(level_ints8<kSq>(_mm256_loadu_ps(x + j), vs),
+                                                                 level_ints8<kSq>(_mm256_loadu_ps(x + j + kW), vs)));
+    std::memcpy(q + j, tmp, len - j);
+  }
+}
+inline void quantize_signed_run(const float* x, int64_t len, float s, int8_t* q, bool finite) {
+  finite ? quantize_finite<false>(x, len, s, q) : quantize_signed_clamped(x, len, s, q);
+}
+inline void quantize_sq_run(const float* u, int64_t len, float s, uint8_t* q, bool finite) {
+  finite ? quantize_finite<true>(u, len, s, q) : quantize_sq_clamped(u, len, s, q);
+}
+#else
+inline void quantize_signed_run(const float* x, int64_t len, float s, int8_t* q, bool /*finite*/) {
+  quantize_signed_clamped(x, len, s, q);
+}
+inline void quantize_sq_run(const float* u, int64_t len, float s, uint8_t* q, bool /*finite*/) {
+  quantize_sq_clamped(u, len, s, q);
+}
+#endif
 #endif
 
 // 8-bit states, per quantization block: the update runs on the dequantized codes (straight from
@@ -296,7 +381,7 @@ inline void quantize_sq_run(const float* u, int64_t len, float s, uint8_t* q, bo
 // while the next block updates, to overlap the quantizers with the update's divider, measured no
 // faster on Zen 4: the step is bound by its vector instructions, not by the divider's latency.)
 // [begin, end) starts on a block.
-template <typename P, bool kFirst>
+template <typename P, bool kFirst, bool kLow>
 void update_range_q8_t(const CpuTensor& t, int64_t begin, int64_t end, const AdanCoeffs& coeffs) {
   using namespace quant;
   const AdanCoeffs c = coeffs;
@@ -315,8 +400,9 @@ void update_range_q8_t(const CpuTensor& t, int64_t begin, int64_t end, const Ada
         kd(dequant_factor(t.scale[2][blk], kSignedMax)), ke(dequant_factor(t.scale[3][blk], kSignedMax));
     BlockMax am, an, ad, ae;
     BlockFlag flag;
-    for (int64_t j = 0; j < len; j += 2 * kW) {
-      const int64_t cnt = std::min<int64_t>(2 * kW, len - j);
+    // One group of 2*kW values (cnt < 2*kW only at a tensor's end): whole groups get cnt as a constant,
+    // which folds every tail test away.
+    const auto group = [&](int64_t j, auto cnt) __attribute__((always_inline)) {
       const int64_t i = b0 + j;
       fVec p0, p1, g0, g1, m0, m1, n0, n1, d0, d1, e0, e1;
       ParamIo<P>::load(p + i, comp ? comp + i : nullptr, cnt, p0, p1);
@@ -335,8 +421,8 @@ void update_range_q8_t(const CpuTensor& t, int64_t begin, int64_t end, const Ada
       }
       opaque(m0), opaque(m1), opaque(n0), opaque(n1), opaque(d0), opaque(d1);
       if constexpr (!kFirst) opaque(e0), opaque(e1);
-      n0 = adan_update(p0, g0, m0, n0, d0, e0, c, kFirst);  // n0, n1 now hold sqrt(n)
-      n1 = adan_update(p1, g1, m1, n1, d1, e1, c, kFirst);
+      n0 = adan_update<kLow>(p0, g0, m0, n0, d0, e0, c, kFirst);  // n0, n1 now hold sqrt(n)
+      n1 = adan_update<kLow>(p1, g1, m1, n1, d1, e1, c, kFirst);
       ParamIo<P>::store(p + i, comp ? comp + i : nullptr, cnt, p0, p1);
       if (cnt < 2 * kW) {  // lanes past the tensor's end must not count in the maxima
         float* dst[4] = {buf[0] + j, buf[1] + j, buf[2] + j, buf[3] + j};
@@ -350,7 +436,10 @@ void update_range_q8_t(const CpuTensor& t, int64_t begin, int64_t end, const Ada
       }
       am.add(m0), am.add(m1), an.add(n0), an.add(n1), ad.add(d0), ad.add(d1), ae.add(e0), ae.add(e1);
       flag.add(p0), flag.add(p1);
-    }
+    };
+    int64_t j = 0;
+    for (; j + 2 * kW <= len; j += 2 * kW) group(j, std::integral_constant<int64_t, 2 * kW>());
+    if (j < len) group(j, len - j);
     bool finite = flag.finite();
     float absmax[4] = {am.get(buf[0], len, finite), an.get(buf[1], len, finite), ad.get(buf[2], len, finite),
                        ae.get(buf[3], len, finite)};
@@ -368,9 +457,7 @@ void update_range_q8_t(const CpuTensor& t, int64_t begin, int64_t end, const Ada
 
 template <typename P>
 void update_range_q8(const CpuTensor& t, int64_t begin, int64_t end, const AdanCoeffs& c) {
-  if (t.first) {
-    update_range_q8_t<P, true>(t, begin, end, c);
-  } else {
-    update_range_q8_t<P, false>(t, begin, end, c);
-  }
+  with_loop_flags(t.first, c, [&](auto first, auto low) {
+    update_range_q8_t<P, decltype(first)::value, decltype(low)::value>(t, begin, end, c);
+  });
 }

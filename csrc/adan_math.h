@@ -54,11 +54,17 @@ C10_HOST_DEVICE inline AdanCoeffs adan_coeffs(const AdanHyper& h, double step, f
 
 C10_HOST_DEVICE C10_ALWAYS_INLINE float adan_sqrt(float x) { return ::sqrtf(x); }
 
-// torch.lerp's formula (the unfused paths use lerp_), so both agree closely.
-template <typename T>
+// torch.lerp's formula (the unfused paths use lerp_), so both agree closely.  kLow: the caller has
+// checked that weight < 0.5 (the CPU loops check both weights once per call: per vector, the test and
+// the second formula's broadcasts cost a tenth of the fp32-state loop's instructions).
+template <bool kLow = false, typename T>
 C10_HOST_DEVICE C10_ALWAYS_INLINE T adan_lerp(const T& start, const T& end, float weight) {
-  return weight < 0.5f ? start + T(weight) * (end - start) : end - (end - start) * T(1.0f - weight);
+  if (kLow || weight < 0.5f) return start + T(weight) * (end - start);
+  return end - (end - start) * T(1.0f - weight);
 }
+
+// Whether both momentum weights take lerp's first formula (the default betas do).
+C10_HOST_DEVICE C10_ALWAYS_INLINE bool adan_low_weights(const AdanCoeffs& c) { return c.w1 < 0.5f && c.w2 < 0.5f; }
 
 // One Adan step.  `neg` holds -g_prev on entry and -g on exit; `first` makes
 // the gradient difference zero (a parameter's first step, Algorithm 1).
@@ -68,13 +74,13 @@ C10_HOST_DEVICE C10_ALWAYS_INLINE T adan_lerp(const T& start, const T& end, floa
 // computed once per call in double.  Returns sqrt(n) of the new n, which the
 // 8-bit exp_avg_sq quantizer needs too (its code stands for sqrt(n)): the CPU
 // loop keeps it instead of taking the same square root again.
-template <typename T>
+template <bool kLowWeights = false, typename T>
 C10_HOST_DEVICE C10_ALWAYS_INLINE T adan_update(T& p, const T& g_raw, T& m, T& n, T& d, T& neg,
                                                    const AdanCoeffs& c, bool first) {
   const T g = g_raw * T(c.grad_mul);
   const T diff = first ? T(0.0f) : g + neg;
-  m = adan_lerp(m, g, c.w1);
-  d = adan_lerp(d, diff, c.w2);
+  m = adan_lerp<kLowWeights>(m, g, c.w1);
+  d = adan_lerp<kLowWeights>(d, diff, c.w2);
   const T u = diff * T(c.beta2) + g;
   n = n * T(c.beta3) + T(c.w3) * (u * u);
   const T sqrt_n = adan_sqrt(n);

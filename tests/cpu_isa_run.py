@@ -43,7 +43,8 @@ def main(out_path):
                     g.copy_(torch.randn(g.shape, generator=gen))
                 ops.fused_adan_(*lists, **KW, step=2.0, first=False, grad_coef=torch.tensor(0.5))
                 results[(str(pd), str(sd), offset)] = buffers
-    torch.save({"isa": ops._cpu_isa(), "results": results, "q8": q8_runs(gen), "offsets": OFFSETS, "sizes": SIZES,
+    torch.save({"isa": ops._cpu_isa(), "results": results, "q8": q8_runs(gen), "q8_edges": q8_edge_runs(gen),
+                "offsets": OFFSETS, "sizes": SIZES,
                 "tail": TAIL, "sentinel": SENTINEL, "code_sentinel": CODE_SENTINEL}, out_path)
 
 
@@ -84,6 +85,39 @@ def q8_runs(gen):
                 g.copy_(torch.randn(g.shape, generator=gen))
             ops.fused_adan_(*lists[:6], **kw, step=2.0, first=False, grad_coef=torch.tensor(0.5))
             results[(str(pd), offset)] = (bufs, [t for sc in scales for t in sc])
+    return results
+
+
+def q8_edge_runs(gen):
+    """8-bit states through the blocks every vector build treats apart: all-zero blocks (zero codes and
+    gradients: rsqrt of 0), gradients of 1e-30 (levels 0 below the first threshold), a NaN, an Inf and a
+    1e30 gradient in one block each (the non-finite rescan and the clamped quantizer), and a block whose
+    old scale is NaN; then a later step that carries all of it on.  fp32 and bf16 parameters (Kahan)."""
+    ops = torch.ops.adan_plugin
+    n, blk = 16 * 256 + 77, 256
+    results = {}
+    for pd in (torch.float32, torch.bfloat16):
+        p, g = torch.randn(n, generator=gen).to(pd), torch.randn(n, generator=gen).to(pd)
+        codes = [torch.randint(0 if k == 1 else -127, 128, (n,), generator=gen).to(torch.uint8 if k == 1 else torch.int8)
+                 for k in range(4)]
+        scales = [torch.rand((n + blk - 1) // blk, generator=gen) + 0.1 for _ in range(4)]
+        g[0:blk] = 0
+        for c in codes:
+            c[0:blk] = 0
+        for sc in scales:
+            sc[0] = 0.0
+        g[blk:2 * blk] = 1e-30
+        g[2 * blk + 5], g[3 * blk + 9], g[4 * blk + 200] = float("nan"), float("inf"), 1e30
+        scales[2][5] = float("nan")
+        comps = [torch.zeros(n, dtype=pd)] if pd != torch.float32 else []
+        kw = dict(KW, exp_avg_scales=[scales[0]], exp_avg_sq_scales=[scales[1]], exp_avg_diff_scales=[scales[2]],
+                  neg_pre_grad_scales=[scales[3]], kahan_comps=comps)
+        lists = [[p], [g], [codes[0]], [codes[1]], [codes[2]], [codes[3]]]
+        ops.fused_adan_(*lists, **kw, step=3.0, first=False)
+        g.copy_(torch.randn(n, generator=gen))
+        g[6 * blk:7 * blk] = 0
+        ops.fused_adan_(*lists, **kw, step=4.0, first=False)
+        results[str(pd)] = [p, *codes, *scales, *comps]
     return results
 
 

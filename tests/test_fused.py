@@ -523,6 +523,15 @@ def test_cpu_builds_agree(tmp_path):
                     assert float(((a.int() - b.int()).abs() > 1).float().mean()) < 0.01, (key, i)
                 else:
                     torch.testing.assert_close(a, b, rtol=2e-2, atol=2e-3)
+    # The blocks the vector builds treat apart (zero, tiny, NaN, Inf and huge values, a NaN old scale):
+    # the same codes, scales and parameters, NaN where NaN.
+    for isa in isas[:-1]:
+        if isa == "base":
+            continue
+        for key, tensors in runs[isa]["q8_edges"].items():
+            for i, (a, b) in enumerate(zip(tensors, runs[isas[-1]]["q8_edges"][key])):
+                torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True, msg=lambda m: f"{isa} {key} {i}: {m}")
+    assert not torch.isfinite(runs[isas[-1]]["q8_edges"]["torch.float32"][0]).all()  # the NaN reached p
 
 
 def test_cpu_build_dispatch_picks_the_best_and_obeys_the_override():
