@@ -325,6 +325,30 @@ def test_cli_writes_its_section_and_keeps_the_other(tmp_path):
     assert "torch AdamW fused" not in bs._extract(text, "cpu")
 
 
+def test_cli_capped_to_an_instruction_set_runs_again_and_gets_its_own_section(tmp_path):
+    # --cpu-isa base: our portable build and torch's default kernels, in a second process (the capability
+    # is fixed once torch runs a kernel); recorded apart from the uncapped CPU section, which stays.
+    if bs.best_cpu_isa() == "base":
+        pytest.skip("this CPU has no vector build to cap")
+    doc = tmp_path / "benchmarks.md"
+    doc.write_text(bs.SECTION_BEGIN.format(kind="cpu") + "\nCPU SENTINEL\n" + bs.SECTION_END.format(kind="cpu") + "\n")
+    tool = os.path.join(bs.REPO_ROOT, "tools", "bench_step.py")
+    env = {k: v for k, v in os.environ.items() if k not in ("ADAN_PLUGIN_CPU_ISA", "ATEN_CPU_CAPABILITY")}
+    proc = subprocess.run([sys.executable, tool, "--cpu-isa", "base", "--device", "cpu", "--models", "tiny",
+                           "--variants", "ours-fused,adamw-fused", "--repeats", "1", "--min-repeats", "1",
+                           "--warmup", "0", "--copy-mib", "4", "--rounds", "1", "--no-memory", "--output", str(doc)],
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    text = doc.read_text()
+    assert "CPU SENTINEL" in bs._extract(text, "cpu")
+    capped = bs._extract(text, "cpu-base")
+    assert capped.startswith("### Run: CPU, kernels capped to BASE — ")
+    kernels = next(ln for ln in capped.splitlines() if ln.startswith("- kernels: "))
+    assert "adan_plugin CPU build base, torch CPU capability DEFAULT" in kernels
+    assert f"this CPU's best build: {bs.best_cpu_isa()}" in kernels
+    assert (tmp_path / "bench_step_cpu-base.png").exists()
+
+
 def test_fused_temporary_target_compares_with_the_largest_parameter_tensor():
     rows = [bs.Row("resnet50", "ours-fused", "f", times=[0.01], params=10, bytes=440,
                    largest_tensor_bytes=8 * 2**20, peak_extra=2**17),

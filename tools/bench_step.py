@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
+import subprocess
 import sys
 from typing import Dict, List
 
@@ -27,8 +28,8 @@ import torch
 
 from bench.doc import HEADER, PLACEHOLDER, SECTION_BEGIN, SECTION_END, _extract, write_chart, write_doc
 from bench.measure import BandwidthFloor, ComputeProbe, CpuPeakMemory, cuda_peak_memory, time_fn
-from bench.report import (REPO_ROOT, RunInfo, Target, device_name, evaluate_targets, peak_mb, ratio_target,
-                          readme_table, results_table, section, versions)
+from bench.report import (CPU_ISAS, REPO_ROOT, RunInfo, Target, best_cpu_isa, cpu_kernels, device_name,
+                          evaluate_targets, ours_cpu_isa, peak_mb, ratio_target, readme_table, results_table, section, versions)
 from bench.run import (Bench, Row, Settings, compile_warmup, fits_in_memory, measure_cpu_memory, paired_ratios,
                        run_model)
 from bench.shapes import MODELS, ModelSpec, Shape, gpt2_shapes, numel, timm_shapes
@@ -41,7 +42,7 @@ DEFAULT_DOC = os.path.join(REPO_ROOT, "docs", "benchmarks.md")
 __all__ = [
     "ADAMW_HP", "ADAN_HP", "HEADER", "MODELS", "PLACEHOLDER", "REPO_ROOT", "SECTION_BEGIN", "SECTION_END",
     "VARIANTS", "OfficialAdan", "BandwidthFloor", "Bench", "CpuPeakMemory", "ModelSpec", "Row", "RunInfo", "Settings", "Shape",
-    "Target", "Unavailable", "Variant", "_extract", "compile_warmup", "cuda_peak_memory", "device_name",
+    "Target", "Unavailable", "Variant", "_extract", "best_cpu_isa", "compile_warmup", "cuda_peak_memory", "device_name",
     "evaluate_targets", "fits_in_memory", "gpt2_shapes", "main", "measure_cpu_memory", "numel",
     "paired_ratios", "parse_args", "peak_mb", "readme_table", "ratio_target", "results_table", "run_model", "section", "state_bytes", "step_bytes", "time_fn",
     "timm_shapes", "versions", "write_chart", "write_doc",
@@ -70,6 +71,11 @@ def parse_args(argv=None):
     ap.add_argument("--copy-mib", type=int, default=None, help="size of each bandwidth-floor tensor "
                     "(default: CPU 256, CUDA 1024)")
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    ap.add_argument("--cpu-isa", default=None, choices=sorted(CPU_ISAS),
+                    help="CPU: run our kernels and torch's (AdamW's) with at most this instruction set, as on a "
+                         "CPU that has only it (ADAN_PLUGIN_CPU_ISA and ATEN_CPU_CAPABILITY, which must be set "
+                         "before torch runs a kernel: the tool runs itself again with them); a run capped below "
+                         "the CPU's best gets its own section, cpu-<isa>")
     ap.add_argument("--quick", action="store_true",
                     help="ResNet-50 shapes only (unless --models), 2 warm-up and 5 timed steps")
     ap.add_argument("--compile-models", default=None,
@@ -88,8 +94,19 @@ def parse_args(argv=None):
     return ap.parse_args(argv)
 
 
+def _run_capped(isa: str, argv: List[str]) -> None:
+    """Run this tool again with the kernels capped to ``isa`` (unless this process already is)."""
+    want = {"ADAN_PLUGIN_CPU_ISA": isa, "ATEN_CPU_CAPABILITY": CPU_ISAS[isa]}
+    if all(os.environ.get(k) == v for k, v in want.items()):
+        return
+    proc = subprocess.run([sys.executable, os.path.abspath(__file__), *argv], env={**os.environ, **want})
+    raise SystemExit(proc.returncode)
+
+
 def main(argv=None) -> List[Row]:
     args = parse_args(argv)
+    if args.cpu_isa:
+        _run_capped(args.cpu_isa, list(argv if argv is not None else sys.argv[1:]))
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("bench_step: --device cuda but torch sees no CUDA device")
@@ -162,6 +179,9 @@ def main(argv=None) -> List[Row]:
     load_after = os.getloadavg()
 
     rows = [r for model in models for r in all_rows[model]]
+    ours_isa = "" if on_gpu else ours_cpu_isa()
+    isa_cap = ours_isa if ours_isa and ours_isa != best_cpu_isa() else ""
+    kind = f"cpu-{isa_cap}" if isa_cap else device.type
     info = RunInfo(
         device=device_name(device), device_type=device.type,
         date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
@@ -170,16 +190,17 @@ def main(argv=None) -> List[Row]:
         command="python tools/bench_step.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         settings=f"{s.rounds} round(s), each with {s.warmup} warm-up steps; up to {s.repeats} timed steps "
                  f"in all, at least {s.min_repeats}, stopping after {s.max_seconds:g} s per variant",
+        kernels="" if on_gpu else cpu_kernels(), isa_cap=isa_cap,
     )
     chart = None
     if not args.no_write:
         chart = args.chart or os.path.join(os.path.dirname(os.path.abspath(args.output)),
-                                           f"bench_step_{device.type}.png")
+                                           f"bench_step_{kind}.png")
         write_chart(chart, rows, info)
     body = section(rows, info, chart)
     print(body)
     if not args.no_write:
-        write_doc(args.output, device.type, body)
+        write_doc(args.output, kind, body)
         print(f"wrote {args.output} and {chart}")
     return rows
 

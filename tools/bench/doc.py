@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import re
 from typing import Optional, Sequence
 
 from bench.report import RunInfo
@@ -54,6 +55,12 @@ in that run's section.  Re-run it to refresh a section (the other device's secti
   timed whenever the floor is, as ns per element.  A step bound by arithmetic (8-bit states on a CPU)
   slows down when other guests share the host's cores, a memory-bound one much less, so a probe that
   spread widely over a run (max/min well above 1) marks ratios between such steps as moved by the host.
+- **kernels** (CPU runs, in the run notes): the build of our CPU kernels that ran (`base`, `avx2`,
+  `avx512`, `avx512_bf16`: the best the CPU has, picked at run time) and torch's CPU capability, which
+  runs `AdamW(fused=True)`.  `--cpu-isa avx2` caps both (`ADAN_PLUGIN_CPU_ISA`, `ATEN_CPU_CAPABILITY`) to
+  what a CPU with only AVX2 runs, so the AVX2 code paths of both are timed on this machine; such a run
+  gets its own section (`cpu-avx2`).  It measures the code an AVX2-only CPU would run, not such a CPU:
+  the cores, clock and memory are still this machine's.
 - **state MiB**: the optimizer state tensors.  **peak MiB beyond states**: memory one step allocates on top
   of parameters, gradients and states, i.e. its temporaries.  CUDA: `torch.cuda.max_memory_allocated()`
   during the step minus `memory_allocated()` before it.  CPU: the process's resident-set high-water mark
@@ -195,15 +202,19 @@ def _extract(text: str, kind: str) -> Optional[str]:
 
 
 def write_doc(path: str, kind: str, body: str) -> None:
-    """Rewrite ``path``: the header, then one section per device type; only ``kind``'s changes."""
+    """Rewrite ``path``: the header, then one section per device type ("cpu", "cuda") and per capped CPU
+    run ("cpu-avx2", ...: ``--cpu-isa``); only ``kind``'s changes."""
     old = ""
     if os.path.exists(path):
         with open(path) as f:
             old = f.read()
-    sections = {k: (_extract(old, k) or PLACEHOLDER[k]) for k in ("cpu", "cuda")}
+    capped = set(re.findall(SECTION_BEGIN.format(kind=r"(cpu-[a-z0-9_]+)"), old)) | (
+        {kind} if kind.startswith("cpu-") else set())
+    kinds = ["cpu", *sorted(capped), "cuda"]
+    sections = {k: (_extract(old, k) or PLACEHOLDER.get(k, "")) for k in kinds}
     sections[kind] = body
     parts = [HEADER, "## Results"]
-    for k in ("cpu", "cuda"):
+    for k in kinds:
         parts += [SECTION_BEGIN.format(kind=k), sections[k], SECTION_END.format(kind=k)]
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = path + ".tmp"

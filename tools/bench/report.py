@@ -32,6 +32,20 @@ class RunInfo:
     command: str
     settings: str
     probe_detail: str = ""
+    kernels: str = ""  # CPU: the instruction sets ours and torch's kernels ran with
+    isa_cap: str = ""  # CPU: the build both were capped to (--cpu-isa), "" for the CPU's best
+
+
+def _cpuinfo_field(name: str) -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() == name:
+                    return value.strip()
+    except OSError:
+        pass
+    return ""
 
 
 def device_name(device: torch.device) -> str:
@@ -46,8 +60,47 @@ def device_name(device: torch.device) -> str:
                     break
     except OSError:
         pass
+    family = _cpuinfo_field("cpu family")
+    if family:  # "AMD EPYC" alone names no generation: family 25 model 17 is Zen 4 (Genoa)
+        model += f" (family {family}, model {_cpuinfo_field('model')})"
     mem = _meminfo("MemTotal")
     return f"{model}, {os.cpu_count()} logical CPUs" + (f", {mem / 2**30:.0f} GiB RAM" if mem else "")
+
+
+# adan_plugin's CPU builds (csrc/adan_cpu.cpp) and the ATEN_CPU_CAPABILITY that runs torch's kernels
+# (AdamW's among them) on the same instructions.
+CPU_ISAS = {"base": "default", "avx2": "avx2", "avx512": "avx512", "avx512_bf16": "avx512"}
+
+
+def best_cpu_isa() -> str:
+    """The best of adan_plugin's CPU builds this CPU can run, from its flags (Linux; "base" elsewhere)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((set(line.split(":", 1)[1].split()) for line in f if line.startswith("flags")), set())
+    except OSError:
+        return "base"
+    if not {"avx2", "fma", "f16c"} <= flags:
+        return "base"
+    if not {"avx512f", "avx512bw", "avx512dq", "avx512vl"} <= flags:
+        return "avx2"
+    return "avx512_bf16" if "avx512_bf16" in flags else "avx512"
+
+
+def ours_cpu_isa() -> str:
+    """The build adan_plugin's CPU kernels run in this process ("" when not built or refused)."""
+    try:
+        from adan_plugin import _ext
+        return torch.ops.adan_plugin._cpu_isa() if _ext.extension_loaded() else ""
+    except RuntimeError:  # a bad ADAN_PLUGIN_CPU_ISA
+        return ""
+
+
+def cpu_kernels() -> str:
+    """Which instruction sets this process's CPU kernels use: ours and torch's (AdamW's)."""
+    ours = ours_cpu_isa() or "not available"
+    caps = [f"{k}={os.environ[k]}" for k in ("ADAN_PLUGIN_CPU_ISA", "ATEN_CPU_CAPABILITY") if os.environ.get(k)]
+    return (f"adan_plugin CPU build {ours}, torch CPU capability {torch.backends.cpu.get_cpu_capability()} "
+            f"(this CPU's best build: {best_cpu_isa()}" + (f"; capped by {', '.join(caps)}" if caps else "") + ")")
 
 
 def versions() -> Dict[str, str]:
@@ -318,12 +371,14 @@ def section(rows: Sequence[Row], info: RunInfo, chart: Optional[str]) -> str:
     targets = evaluate_targets(rows, info)
     v = info.versions
     out = [
-        f"### Run: {info.device_type.upper()} — {info.device}", "",
+        f"### Run: {info.device_type.upper()}" + (f", kernels capped to {info.isa_cap.upper()}" if info.isa_cap else "")
+        + f" — {info.device}", "",
         f"- date: {info.date}",
         f"- versions: torch {v['torch']}, timm {v['timm']}, mmpretrain {v['mmpretrain']}, "
         f"python {v['python']}, adan_plugin commit {v['adan_plugin']} at the start of the run "
         f"(extension adan_plugin._C: {v['adan_plugin._C']})",
         f"- command: `{info.command}` ({info.settings})",
+        *([f"- kernels: {info.kernels}"] if info.kernels else []),
         f"- torch threads: {info.threads}; load average (1/5/15 min) before: "
         + "/".join(f"{x:.2f}" for x in info.load_before) + ", after: "
         + "/".join(f"{x:.2f}" for x in info.load_after),
