@@ -44,6 +44,7 @@ def main(out_path):
                 ops.fused_adan_(*lists, **KW, step=2.0, first=False, grad_coef=torch.tensor(0.5))
                 results[(str(pd), str(sd), offset)] = buffers
     torch.save({"isa": ops._cpu_isa(), "results": results, "q8": q8_runs(gen), "q8_edges": q8_edge_runs(gen),
+                "bf16_edges": bf16_state_edge_runs(gen),
                 "offsets": OFFSETS, "sizes": SIZES,
                 "tail": TAIL, "sentinel": SENTINEL, "code_sentinel": CODE_SENTINEL}, out_path)
 
@@ -86,6 +87,24 @@ def q8_runs(gen):
             ops.fused_adan_(*lists[:6], **kw, step=2.0, first=False, grad_coef=torch.tensor(0.5))
             results[(str(pd), offset)] = (bufs, [t for sc in scales for t in sc])
     return results
+
+
+def bf16_state_edge_runs(gen):
+    """bf16 states next to NaN, Inf and huge values (gradients and old states), which the vector builds
+    store with the full conversion, and finite ones, which they store without its NaN test."""
+    ops = torch.ops.adan_plugin
+    n = 1000
+    p, g = torch.randn(n, generator=gen), torch.randn(n, generator=gen)
+    states = [torch.randn(n, generator=gen).to(torch.bfloat16) for _ in range(4)]
+    states[1].abs_()
+    g[40], g[77] = float("inf"), 3e38
+    # NaNs whose payload fills the mantissa: rounded to bf16 without the NaN test they would carry into
+    # the sign bit and store -0.0.
+    g.view(torch.int32)[3] = 0x7FFFFFFF
+    states[0].view(torch.int16)[100] = 0x7FFF
+    states[1][200], states[2][300], states[3][400] = float("inf"), float("nan"), -3e38
+    ops.fused_adan_([p], [g], *[[s] for s in states], **KW, step=3.0, first=False)
+    return [p, *states]
 
 
 def q8_edge_runs(gen):

@@ -532,6 +532,12 @@ def test_cpu_builds_agree(tmp_path):
             for i, (a, b) in enumerate(zip(tensors, runs[isas[-1]]["q8_edges"][key])):
                 torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True, msg=lambda m: f"{isa} {key} {i}: {m}")
     assert not torch.isfinite(runs[isas[-1]]["q8_edges"]["torch.float32"][0]).all()  # the NaN reached p
+    for isa in isas[:-1]:
+        if isa != "base":
+            for i, (a, b) in enumerate(zip(runs[isa]["bf16_edges"], runs[isas[-1]]["bf16_edges"])):
+                torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True, msg=lambda m: f"{isa} bf16 {i}: {m}")
+    p, m, n, d, neg = runs[isas[-1]]["bf16_edges"]
+    assert m[3].isnan() and neg[3].isnan() and n[40].isinf() and m[100].isnan() and d[300].isnan()
 
 
 def test_cpu_build_dispatch_picks_the_best_and_obeys_the_override():
