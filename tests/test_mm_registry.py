@@ -104,6 +104,10 @@ def test_unknown_or_malformed_options_fail_clearly():
         build_optim_wrapper(Net(), dict(optimizer=dict(ADAN, max_grad_nrom=1.0)))
     with pytest.raises(ValueError, match="state_dtype='bf16' is neither '8bit' .* nor a torch dtype name"):
         build_optim_wrapper(Net(), dict(optimizer=dict(ADAN, state_dtype="bf16")))
+    # FusedAdan takes **kwargs (handed on to Adan): its options are Adan's
+    hint = r"FusedAdan: unknown option 'max_grad_nrom' \(did you mean 'max_grad_norm'\?\)"
+    with pytest.raises(TypeError, match=hint):
+        build_optim_wrapper(Net(), dict(optimizer=dict(ADAN, type="FusedAdan", fused=False, max_grad_nrom=1.0)))
     # ZeRO checks before it needs a process group
     with pytest.raises(TypeError, match="Adan: unknown option 'nop_rox'"):
         build_optim_wrapper(Net(), dict(optimizer=dict(ADAN, type="ZeroRedundancyOptimizer",

@@ -288,6 +288,19 @@ def test_train_mm_refuses_to_resume_without_optimizer_state(one_epoch, digits_ro
     assert str(path) in proc.stderr and "--allow-fresh-optimizer-state" in proc.stderr
 
 
+def test_train_mm_names_a_checkpoint_whose_optimizer_state_does_not_load(one_epoch, digits_root, tmp_path):
+    _, first_dir = one_epoch
+    path = _without_optimizer_state(first_dir, tmp_path, lambda c: c["optimizer"]["param_groups"][0].update(
+        betas=(0.9, 0.99)))  # two betas: another optimizer's
+    proc = subprocess.run([sys.executable, TRAIN_MM, CONFIG, "--work-dir", str(tmp_path / "work"), "--resume",
+                           str(path), "--cfg-options", "train_cfg.max_epochs=2"], cwd=str(tmp_path),
+                          env=run_env(digits_root), capture_output=True, text=True, timeout=SUBPROCESS_TIMEOUT)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("train_mm.py: error:")]
+    assert len(errors) == 1 and str(path) in errors[0] and "optimizer state does not load" in errors[0]
+    assert "betas must be a tuple of three floats" in errors[0]
+
+
 def test_resume_hook_allows_fresh_state_when_asked(one_epoch, digits_root, tmp_path):
     _, first_dir = one_epoch
     path = _without_optimizer_state(first_dir, tmp_path, lambda c: c.pop("optimizer"))

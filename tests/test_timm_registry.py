@@ -97,6 +97,19 @@ def test_bad_option_is_a_clear_error():
         create_optimizer_v2(nn.Linear(3, 2), "adan", lr=0.01, not_an_option=1)
 
 
+@pytest.mark.skipif(not adan_plugin.fused_extension_available(), reason="low-memory states need the kernels")
+def test_state_dtype_by_name_as_mm_configs_write_it():
+    # text from --opt-kwargs or a recipe's opt_kwargs, read as the mmengine integration reads configs
+    for name, dtype in (("bfloat16", torch.bfloat16), ("torch.bfloat16", torch.bfloat16),
+                        ("float32", torch.float32), ("8bit", "8bit")):
+        for opt in ("adan", "lookahead_adanw"):
+            built = create_optimizer_v2(nn.Linear(3, 2), opt, lr=0.01, state_dtype=name)
+            assert built.defaults["state_dtype"] == dtype, (opt, name)
+    assert get_optimizer_class("adan", bind_defaults=False) is Adan  # the conversion is not in the class
+    with pytest.raises(ValueError, match="state_dtype='8-bit' is neither '8bit'"):
+        create_optimizer_v2(nn.Linear(3, 2), "adan", lr=0.01, state_dtype="8-bit")
+
+
 # ----------------------------------------------------------------- grouping
 def test_default_grouping_exempts_1d_and_no_weight_decay_params():
     model = TinyNet()

@@ -16,6 +16,7 @@ import pytest
 import torch
 import yaml
 
+import adan_plugin
 from conftest import REPO_ROOT, ZOO_DIR
 from hostile import CodeRunningPickle
 
@@ -110,6 +111,30 @@ def test_output_folder_args_and_checkpoints(runs):
     assert {"exp_avg", "exp_avg_sq", "exp_avg_diff", "neg_pre_grad"} <= set(next(iter(last["optimizer"]["state"].values())))
 
 
+def test_resume_names_each_hyperparameter_the_checkpoint_overrides(tmp_path, runs):
+    # same command line: nothing to say
+    assert "WARNING" not in runs["redo_log"] and "WARNING" not in runs["resumed_log"]
+    # epoch 1's checkpoint with --epochs 2: nothing left to train, the resume and args.yaml remain
+    out = tmp_path / "o"
+    _, log = run_main([*FAST, "--epochs", "2", "--output", str(out), "--resume",
+                       str(runs["root"] / "run" / "checkpoint-1.pth.tar"), "--opt", "adanw", "--no-prox",
+                       "--weight-decay", "0.05", "--opt-betas", "0.9", "0.9", "0.9", "--max-grad-norm", "1",
+                       "--lr", "0.5"])
+    warnings = [line for line in log.splitlines() if line.startswith("WARNING")]
+    assert len(warnings) == 1 and "win over the command line" in warnings[0], log
+    for named in ("weight_decay (--weight-decay): checkpoint 0.02 is used, not the command line's 0.05",
+                  "betas (--opt-betas): checkpoint (0.98, 0.92, 0.99) is used, not the command line's (0.9, 0.9, 0.9)",
+                  "max_grad_norm (--max-grad-norm): checkpoint 5.0 is used, not the command line's 1.0",
+                  "no_prox (--no-prox / --opt adanw): checkpoint False is used, not the command line's True"):
+        assert named in warnings[0], warnings[0]
+    assert "lr (" not in warnings[0] and "initial_lr" not in warnings[0]  # the schedule sets lr
+    # what ran is what is recorded
+    with open(out / "args.yaml") as f:
+        saved = yaml.safe_load(f)
+    assert (saved["weight_decay"], saved["opt_betas"], saved["max_grad_norm"], saved["no_prox"]) == (
+        0.02, [0.98, 0.92, 0.99], 5.0, False)
+
+
 def test_resume_refuses_a_checkpoint_that_could_run_code(tmp_path, runs):
     evil = tmp_path / "evil.pth.tar"
     good = torch.load(runs["root"] / "run" / "last.pth.tar", weights_only=True)
@@ -143,6 +168,57 @@ def test_malformed_yaml(tmp_path):
     bad.write_text("model: resnet50\njsd_loss: true\n")
     assert "jsd_loss" in _error(["--config", str(bad)])
     assert "does not exist" in _error(["--config", str(tmp_path / "missing.yaml")])
+
+
+@pytest.mark.parametrize("options, says", [
+    (["--opt", "adamn"], "--opt adamn: Optimizer adamn not found"),
+    (["--opt-kwargs", "bias_decay=True"], "unexpected keyword argument 'bias_decay'"),
+    (["--opt-betas", "0.98", "0.92"], "betas must be a tuple of three floats"),
+    (["--max-grad-norm", "-1"], "invalid max_grad_norm=-1.0"),
+    (["--opt-kwargs", "state_dtype=8-bit"], "state_dtype='8-bit' is neither '8bit'"),
+])
+def test_an_optimizer_the_options_cannot_build_is_a_user_error(tmp_path, options, says):
+    msg = _error([*FAST, *options, "--output", str(tmp_path / "o")])
+    assert msg.startswith("train_timm.py: error: ") and says in msg and "\n" not in msg
+    assert not (tmp_path / "o").exists()
+
+
+def test_an_optimizer_error_from_a_recipe_exits_2_with_one_line(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    with open(DEMO) as f:
+        recipe = yaml.safe_load(f)
+    bad.write_text(yaml.safe_dump({**recipe, "opt_kwargs": {"state_dtype": "8-bit"}}))
+    proc = subprocess.run([PY, TRAIN, "--config", str(bad), "--output", str(tmp_path / "o")], capture_output=True,
+                          text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    errors = [line for line in proc.stderr.splitlines() if "error" in line]
+    assert errors == ["train_timm.py: error: --opt adan: state_dtype='8-bit' is neither '8bit' (8-bit block-wise "
+                      "states) nor a torch dtype name (e.g. 'bfloat16', 'float32')"]
+
+
+def test_compare_adamw_gives_adamw_its_own_betas(tmp_path, monkeypatch):
+    from adan_plugin.integrations import timm as timm_integration
+    runs = []
+
+    def record(args):  # the run itself is the same train() for both; what differs is its options
+        args.rank, args.distributed = 0, False
+        runs.append(args)
+        return {"output_dir": str(tmp_path), "final_top1": 0.0}
+
+    monkeypatch.setattr(train_timm, "train", record)
+
+    def optimizers(*extra):
+        runs.clear()
+        run_main([*FAST, "--compare-adamw", "--output", str(tmp_path), *extra])
+        return [timm_integration.create_optimizer(torch.nn.Linear(3, 2), args) for args in runs]
+
+    adan, adamw = optimizers()
+    assert adan.defaults["betas"] == (0.98, 0.92, 0.99)  # the recipe's, for Adan
+    assert type(adamw) is torch.optim.AdamW and adamw.defaults["betas"] == (0.9, 0.999)
+    assert adamw.defaults["lr"] == pytest.approx(0.01 / 5)
+    assert max(g["weight_decay"] for g in adamw.param_groups) == 0.05
+    _, adamw = optimizers("--adamw-betas", "0.9", "0.95")
+    assert adamw.defaults["betas"] == (0.9, 0.95)
 
 
 def test_unknown_model(tmp_path):
@@ -226,6 +302,7 @@ STAND_IN = textwrap.dedent('''
     one_d = {id(p) for p in model.parameters() if p.ndim <= 1}
     with open(args.report, "w") as f:
         json.dump({"class": type(optimizer).__module__ + "." + type(optimizer).__name__,
+                   "state_dtype": str(optimizer.defaults.get("state_dtype")),
                    "defaults": {k: v for k, v in optimizer.defaults.items() if isinstance(v, (int, float, bool, list, tuple, type(None)))},
                    "wd_1d": sorted({g["weight_decay"] for g in optimizer.param_groups for p in g["params"] if id(p) in one_d}),
                    "wd_nd": sorted({g["weight_decay"] for g in optimizer.param_groups for p in g["params"] if id(p) not in one_d})}, f)
@@ -239,9 +316,8 @@ def stand_in(tmp_path_factory):
     return path
 
 
-def _launch(stand_in, tmp_path, *extra):
+def _launch(stand_in, tmp_path, *extra, cfg=os.path.join(REPO_ROOT, "configs", "timm", "res50_100.yaml")):
     report = tmp_path / "report.json"
-    cfg = os.path.join(REPO_ROOT, "configs", "timm", "res50_100.yaml")
     proc = subprocess.run([PY, TRAIN, "--launch", str(stand_in), "--config", cfg, "--model", "test_resnet",
                            "--report", str(report), *extra], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -264,6 +340,35 @@ def test_launcher_command_line_overrides_and_user_opt_kwargs(stand_in, tmp_path)
     d = rep["defaults"]
     assert (d["max_grad_norm"], d["no_prox"], d["foreach"]) == (1.5, True, True)
     assert rep["wd_1d"] == [0.0] and rep["wd_nd"] == [0.02]  # timm's default grouping again
+
+
+def _recipe_with(tmp_path, **keys):
+    with open(os.path.join(REPO_ROOT, "configs", "timm", "res50_100.yaml")) as f:
+        recipe = yaml.safe_load(f)
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump({**recipe, **keys}))
+    return str(path)
+
+
+def test_launcher_keeps_the_recipe_opt_kwargs_and_every_command_line_one(stand_in, tmp_path):
+    cfg = _recipe_with(tmp_path, opt_kwargs={"caution": True, "foreach": False})
+    # the recipe's alone: the launcher's own --opt-kwargs (the Adan keys) must not replace them
+    d = _launch(stand_in, tmp_path, cfg=cfg)["defaults"]
+    assert (d["caution"], d["foreach"], d["max_grad_norm"]) == (True, False, 5.0)
+    # with two --opt-kwargs on the command line: all merged, the command line's last
+    rep = _launch(stand_in, tmp_path, "--opt-kwargs", "foreach=True", "--opt-kwargs=max_grad_norm=2.0", cfg=cfg)
+    d = rep["defaults"]
+    assert (d["caution"], d["foreach"], d["max_grad_norm"]) == (True, True, 2.0)
+
+
+@pytest.mark.skipif(not adan_plugin.fused_extension_available(), reason="low-memory states need the kernels")
+def test_launcher_state_dtype_from_the_recipe_and_by_name(stand_in, tmp_path):
+    cfg = _recipe_with(tmp_path, opt_kwargs={"state_dtype": "8bit"})
+    assert _launch(stand_in, tmp_path, cfg=cfg)["state_dtype"] == "8bit"
+    assert _launch(stand_in, tmp_path, "--opt-kwargs", "foreach=False", cfg=cfg)["state_dtype"] == "8bit"
+    # a dtype by name, as mm configs write it
+    rep = _launch(stand_in, tmp_path, "--opt-kwargs", "state_dtype=bfloat16")
+    assert rep["state_dtype"] == "torch.bfloat16"
 
 
 def test_launcher_leaves_other_optimizers_alone(stand_in, tmp_path):

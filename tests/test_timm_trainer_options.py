@@ -15,8 +15,10 @@ import os
 import re
 
 import pytest
+import torch
 import yaml
 
+import adan_plugin
 from conftest import REPO_ROOT
 
 TRAIN = os.path.join(REPO_ROOT, "tools", "train_timm.py")
@@ -182,3 +184,55 @@ def test_every_zoo_recipe_still_loads(capsys):
     for recipe in RECIPES:
         args = train_timm.parse_args(["--config", recipe])
         assert isinstance(args.epochs, int) and isinstance(args.lr, float)
+
+
+# ---------------------------------------------------------------- help text and the READMEs' commands
+def test_help_names_real_configs_and_the_low_memory_options(capsys):
+    with pytest.raises(SystemExit):
+        train_timm.parse_args(["--help"])
+    text = capsys.readouterr().out
+    named = re.findall(r"configs/[\w./-]+\.yaml", text)
+    assert named and [p for p in named if not os.path.isfile(os.path.join(REPO_ROOT, p))] == []
+    lines = [line for line in text.splitlines() if "state_dtype=8bit" in line]
+    assert any("state_dtype=bfloat16" in line and "kahan_sum=True" in line for line in lines), lines
+
+
+@pytest.mark.parametrize("readme", ["README.md", os.path.join("tools", "README.md")])
+def test_readme_commands_run_the_trainers_through_an_interpreter(readme):
+    # the scripts are not executable files: `tools/train_timm.py ...` alone fails with "Permission denied"
+    commands, fence = [], None
+    with open(os.path.join(REPO_ROOT, readme)) as f:
+        for line in f:
+            if line.startswith("```"):
+                fence = line[3:].strip() if fence is None else None
+            elif fence in ("", "bash", "sh", "console"):
+                commands.append(line.strip())
+    direct = [c for c in commands if c.split(" ", 1)[0].startswith("tools/")
+              and not os.access(os.path.join(REPO_ROOT, c.split(" ", 1)[0]), os.X_OK)]
+    assert direct == []
+    assert readme != "README.md" or any(c.startswith("python tools/train_timm.py") for c in commands)
+
+
+# ---------------------------------------------------------------- optimizer options
+def test_the_opt_name_decides_no_prox_unless_it_is_given():
+    from adan_plugin.integrations import timm as timm_integration
+
+    def no_prox(*argv):
+        args = train_timm.parse_args(["--lr", "0.01", *argv])
+        return timm_integration.create_optimizer(torch.nn.Linear(3, 2), args).defaults["no_prox"]
+
+    assert (no_prox("--opt", "adan"), no_prox("--opt", "adanw"), no_prox("--opt", "cadanw")) == (False, True, True)
+    assert no_prox("--opt", "adanw", "--no-prox", "false") is False and no_prox("--opt", "adan", "--no-prox") is True
+
+
+@pytest.mark.parametrize("value, dtype", [("bfloat16", "bfloat16"), ("torch.bfloat16", "bfloat16"),
+                                          ("float32", "float32"), ("8bit", None)])
+@pytest.mark.skipif(not adan_plugin.fused_extension_available(), reason="low-memory states need the kernels")
+def test_state_dtype_by_name_on_the_command_line_and_in_a_recipe(tmp_path, value, dtype):
+    from adan_plugin.integrations import timm as timm_integration
+    expected = getattr(torch, dtype) if dtype else value
+    recipe = _yaml(tmp_path, opt_kwargs={"state_dtype": value})
+    for argv in (["--opt-kwargs", f"state_dtype={value}"], ["--config", recipe]):
+        args = train_timm.parse_args(["--opt", "adan", "--lr", "0.01", *argv])
+        optimizer = timm_integration.create_optimizer(torch.nn.Linear(3, 2), args)
+        assert optimizer.defaults["state_dtype"] == expected, argv

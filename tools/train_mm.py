@@ -27,7 +27,8 @@ On top of mmpretrain's script it
   (configs/mmpretrain/lenet5_adan_digits.py, the quick start).
 
 A checkpoint that cannot be used (missing, empty, truncated, holding objects that could
-run code, without optimizer state) ends the run with one error line and exit status 2.
+run code, without optimizer state or with one the optimizer refuses) ends the run with one
+error line and exit status 2.
 """
 from __future__ import annotations
 

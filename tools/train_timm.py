@@ -28,7 +28,8 @@ if _TOOLS_DIR not in sys.path:
 
 # Re-exported: these names stay importable as train_timm.<name>.
 from timm_train.checkpoint import (  # noqa: E402,F401
-    CHECKPOINT_VERSION, check_resume, load_checkpoint, load_model_state, save_checkpoint)
+    CHECKPOINT_VERSION, check_resume, describe_overrides, hyperparameters, load_checkpoint, load_model_state,
+    overridden_by_checkpoint, record_overrides, save_checkpoint)
 from timm_train.config import (  # noqa: E402,F401
     _NO_EFFECT, _RECIPE_ALIASES, _REFUSED, ConfigError, _bool, _opt_float, build_parser, load_config, parse_args)
 from timm_train.launcher import _ADAN_FLAGS, split_launch_args  # noqa: E402,F401
@@ -88,7 +89,12 @@ def train(args) -> Dict[str, Any]:
             raise ConfigError("--sync-bn needs CUDA devices (torch's SyncBatchNorm); drop it for CPU runs")
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
 
-    optimizer = timm_integration.create_optimizer(model, args)
+    try:
+        optimizer = timm_integration.create_optimizer(model, args)
+    except (ValueError, TypeError) as err:
+        # built from the user's options only (an unknown --opt, a keyword the optimizer does not
+        # take, a value it refuses): their mistake, told in one line like every other
+        raise ConfigError(f"--opt {args.opt}: {' '.join(str(err).split())}") from None
     autocast, scaler = amp_context(args, device)
 
     start_epoch, best = 0, None
@@ -104,10 +110,18 @@ def train(args) -> Dict[str, Any]:
             log(args, f"WARNING: checkpoint {args.resume}: {fresh}; the optimizer's moments restart from zero "
                       f"(--allow-fresh-optimizer-state)")
         else:
+            asked = hyperparameters(optimizer)
             try:
                 optimizer.load_state_dict(ckpt["optimizer"])
             except (ValueError, KeyError, RuntimeError) as err:
                 raise ConfigError(f"checkpoint {args.resume!r}: its optimizer state does not fit: {err}") from None
+            overridden = overridden_by_checkpoint(asked, hyperparameters(optimizer))
+            if overridden:
+                # load_state_dict takes the hyper-parameters from the checkpoint: say so, and
+                # record what runs rather than what was asked (args.yaml, the checkpoints)
+                log(args, f"WARNING: checkpoint {args.resume}: its optimizer hyper-parameters win over the "
+                          f"command line's: {describe_overrides(overridden)}")
+                record_overrides(args, overridden)
             if scaler is not None and "scaler" in ckpt:
                 scaler.load_state_dict(ckpt["scaler"])
         start_epoch = done + 1
@@ -273,8 +287,12 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
         adamw.lr = args.adamw_lr if args.adamw_lr is not None else args.lr / SCRATCH_LR_SCALE
         adamw.weight_decay = args.adamw_weight_decay
         adamw.max_grad_norm, adamw.no_prox, adamw.opt_kwargs = 0.0, False, {}
+        # Adan's betas (three, for other moments) mean nothing to AdamW: its own defaults unless asked
+        adamw.opt_betas = args.adamw_betas
         adamw.output, adamw.experiment, adamw.resume = os.path.join(out, "adamw"), "", ""
-        print(f"\n=== same recipe with AdamW (lr {adamw.lr:g}, weight decay {adamw.weight_decay:g}) ===", flush=True)
+        betas = "AdamW's default (0.9, 0.999)" if adamw.opt_betas is None else tuple(adamw.opt_betas)
+        print(f"\n=== same recipe with AdamW (lr {adamw.lr:g}, weight decay {adamw.weight_decay:g}, betas {betas}) "
+              f"===", flush=True)
         result["adamw"] = train(adamw)
         if args.plot:
             plot_runs(os.path.join(out, "adan_vs_adamw.png"),

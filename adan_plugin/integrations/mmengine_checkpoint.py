@@ -13,7 +13,7 @@ Registering into mmengine (``import adan_plugin`` or ``custom_imports``) install
 
 and :class:`ResumeOptimizerStateHook` (added by tools/train_mm.py) refuses to resume from a
 checkpoint without optimizer state, which mmengine would silently accept, restarting the
-moments from zero.
+moments from zero, and names the file when its optimizer state does not load.
 """
 from __future__ import annotations
 
@@ -64,7 +64,9 @@ class ResumeOptimizerStateHook(Hook):
     so resuming from a weights-only file restarts Adan's moments from zero without a
     word.  ``allow_fresh=True`` (tools/train_mm.py ``--allow-fresh-optimizer-state``)
     accepts it with a warning.  ``load_from`` without ``resume`` (fine-tuning) is not
-    concerned.
+    concerned.  An optimizer state the optimizer refuses (another optimizer's,
+    invalid hyper-parameters) raises :class:`CheckpointError` naming the file,
+    like every other unusable checkpoint, rather than the optimizer's bare error.
     """
 
     priority = "VERY_HIGH"
@@ -75,12 +77,35 @@ class ResumeOptimizerStateHook(Hook):
     def after_load_checkpoint(self, runner, checkpoint) -> None:
         if not getattr(runner, "_resume", False) or runner.optim_wrapper is None:
             return
+        source = runner._load_from or f"the latest checkpoint in {runner.work_dir}"
         problem = missing_optimizer_state(checkpoint)
         if problem is None:
+            _name_the_file_on_failure(runner.optim_wrapper, source)
             return
-        source = runner._load_from or f"the latest checkpoint in {runner.work_dir}"
         if not self.allow_fresh:
             raise CheckpointError(f"resume from {source!r}: {problem}; resuming would restart the optimizer's "
                              f"moments from zero (tools/train_mm.py --allow-fresh-optimizer-state, or "
                              f"ResumeOptimizerStateHook(allow_fresh=True), to do that on purpose)")
         runner.logger.warning(f"resume from {source!r}: {problem}; the optimizer's moments start from zero")
+
+
+def _name_the_file_on_failure(optim_wrapper, source: str) -> None:
+    """Make the optimizer-state load ``Runner.resume`` does next raise ``CheckpointError`` naming ``source``.
+
+    This hook runs inside ``Runner.load_checkpoint``, just before the load; the
+    wrapper's own ``load_state_dict`` is back in place once it has run.
+    """
+    from mmengine.optim import OptimWrapper, OptimWrapperDict
+
+    if not isinstance(optim_wrapper, (OptimWrapper, OptimWrapperDict)):  # a config not built yet: resume builds it
+        return
+    load_state_dict = optim_wrapper.load_state_dict
+
+    def load_naming_the_file(state_dict):
+        del optim_wrapper.load_state_dict
+        try:
+            return load_state_dict(state_dict)
+        except (ValueError, KeyError) as err:
+            raise CheckpointError(f"resume from {source!r}: its optimizer state does not load: {err}") from None
+
+    optim_wrapper.load_state_dict = load_naming_the_file

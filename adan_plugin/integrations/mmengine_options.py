@@ -10,22 +10,39 @@ from __future__ import annotations
 
 import difflib
 import inspect
-from typing import Any, Dict, Mapping
-
-import torch
+from typing import Any, Dict, List, Mapping, Optional
 
 from ..adan import Adan
+from .option_values import dtype_from_config  # noqa: F401  (also importable from here, as before)
 
 # Keys of an optimizer config that are not optimizer options.
 _CONFIG_KEYS = ("type", "_scope_", "params")
 
 
+def _known_options(optimizer_class: type) -> Optional[List[str]]:
+    """The keyword options ``optimizer_class`` takes, or ``None`` when it takes any keyword.
+
+    A subclass of Adan whose ``__init__`` takes ``**kwargs`` (``FusedAdan``)
+    hands them on to Adan's, so its options are its own named ones plus those
+    of the classes above it, up to Adan.
+    """
+    known: List[str] = []
+    for cls in optimizer_class.__mro__:
+        params = inspect.signature(cls.__init__).parameters
+        known += [name for name, p in params.items() if name not in ("self", "params") and name not in known
+                  and p.kind not in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)]
+        if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+            return known
+        if cls is Adan or not issubclass(cls, Adan):
+            return None
+    return None
+
+
 def check_optimizer_kwargs(optimizer_class: type, options: Mapping[str, Any]) -> None:
     """Raise ``TypeError`` naming an option ``optimizer_class`` does not take, with the closest match."""
-    params = inspect.signature(optimizer_class.__init__).parameters
-    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+    known = _known_options(optimizer_class)
+    if known is None:
         return
-    known = [name for name in params if name not in ("self", "params")]
     for key in options:
         if key in _CONFIG_KEYS or key in known:
             continue
@@ -33,17 +50,6 @@ def check_optimizer_kwargs(optimizer_class: type, options: Mapping[str, Any]) ->
         hint = f" (did you mean {close[0]!r}?)" if close else ""
         raise TypeError(f"{optimizer_class.__name__}: unknown option {key!r}{hint}; "
                         f"its options are {', '.join(known)}")
-
-
-def dtype_from_config(name: str, value: Any) -> Any:
-    """``'bfloat16'`` / ``'torch.bfloat16'`` -> ``torch.bfloat16``; other values unchanged."""
-    if not isinstance(value, str) or value == "8bit":  # "8bit": Adan's 8-bit block-wise states
-        return value
-    dtype = getattr(torch, value[len("torch."):] if value.startswith("torch.") else value, None)
-    if not isinstance(dtype, torch.dtype):
-        raise ValueError(f"{name}={value!r} is neither '8bit' (8-bit block-wise states) nor a torch dtype name "
-                         "(e.g. 'bfloat16', 'float32')")
-    return dtype
 
 
 def optimizer_options_from_config(optimizer_class: type, options: Mapping[str, Any]) -> Dict[str, Any]:

@@ -20,6 +20,10 @@ through timm's ``opt_args`` / ``--opt-kwargs``); ``bias_decay: true`` means
 weight decay on *every* parameter, 1-d ones (biases, norm weights) and the
 model's ``no_weight_decay()`` list included, which is what the timm version
 of the zoo runs did with grouping disabled.
+
+Options written as text (``--opt-kwargs``, a recipe's ``opt_kwargs``) may name
+Adan's ``state_dtype``: ``state_dtype=bfloat16`` is ``torch.bfloat16``, read
+as mmengine configs are (:mod:`.option_values`).
 """
 from __future__ import annotations
 
@@ -33,6 +37,7 @@ from timm.optim import _optim_factory as factory
 from timm.optim import param_groups_layer_decay
 
 from ..adan import Adan, FusedAdan
+from .option_values import dtype_from_config
 
 ADAN_NAMES = ("adan", "adanw", "cadan", "cadanw", "fusedadan", "fusedadanw")
 # Recipe keys that are Adan constructor arguments rather than timm arguments.
@@ -64,6 +69,27 @@ def register(registry=None) -> None:
         # not log an "overwriting" warning on every import.
         registry._optimizers.pop(info.name, None)
         registry.register(info)
+    if not getattr(registry.create_optimizer, "_reads_state_dtype_names", False):
+        registry.create_optimizer = _reading_state_dtype_names(registry.create_optimizer)
+
+
+def _reading_state_dtype_names(create_optimizer):
+    """The registry's ``create_optimizer``, taking Adan's ``state_dtype`` by name as mmengine configs do.
+
+    ``--opt-kwargs state_dtype=bfloat16`` and a recipe's ``opt_kwargs`` are
+    text: ``'bfloat16'`` / ``'torch.bfloat16'`` become ``torch.bfloat16``
+    (``'8bit'`` stays).  Done here rather than in the Adan classes so that
+    ``get_optimizer_class('adan')`` is still ``Adan`` itself.
+    """
+
+    def create(model_or_params, opt: str, *args, **kwargs):
+        if is_adan(opt) and "state_dtype" in kwargs:
+            kwargs["state_dtype"] = dtype_from_config("state_dtype", kwargs["state_dtype"])
+        return create_optimizer(model_or_params, opt, *args, **kwargs)
+
+    create._reads_state_dtype_names = True
+    create.__wrapped__ = create_optimizer
+    return create
 
 
 def base_opt_name(opt: str) -> str:

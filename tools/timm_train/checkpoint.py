@@ -1,7 +1,11 @@
-"""Checkpoint I/O: atomic save, and a load that accepts tensors and plain containers only (weights_only)."""
+"""Checkpoint I/O: atomic save, and a load that accepts tensors and plain containers only (weights_only).
+
+A resumed optimizer takes its hyper-parameters from the checkpoint: the helpers at the end find
+those that differ from the command line's, for the warning and the recorded args.
+"""
 from __future__ import annotations
 
-from typing import Any, Dict
+from typing import Any, Dict, List, Tuple
 
 import torch
 
@@ -61,3 +65,77 @@ def load_model_state(model, state_dict, path: str) -> None:
         model.load_state_dict(state_dict)
     except RuntimeError as err:
         raise ConfigError(f"checkpoint {path!r} does not fit model: {str(err).splitlines()[0]}") from None
+
+
+# param_groups keys that are not the command line's to set on a resume: the schedule
+# drives the lr (and timm's scheduler keeps initial_lr there), the optimizer counts steps.
+_NOT_HYPERPARAMETERS = ("params", "lr", "initial_lr", "step")
+# the option a hyper-parameter comes from; any other key is an --opt-kwargs one
+_OPTION = {"weight_decay": "--weight-decay", "betas": "--opt-betas", "eps": "--opt-eps",
+           "max_grad_norm": "--max-grad-norm", "no_prox": "--no-prox / --opt adanw", "momentum": "--momentum",
+           "lr_scale": "--layer-decay"}
+# derived from an option rather than one (lr_scale: --layer-decay's per-layer factor): named, not recorded
+_DERIVED = ("lr_scale",)
+
+
+def hyperparameters(optimizer) -> List[Dict[str, Any]]:
+    """The hyper-parameters of each of ``optimizer``'s param groups."""
+    return [{k: v for k, v in group.items() if k not in _NOT_HYPERPARAMETERS} for group in optimizer.param_groups]
+
+
+def _same(a: Any, b: Any) -> bool:
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        try:
+            return torch.equal(torch.as_tensor(a, dtype=torch.float64), torch.as_tensor(b, dtype=torch.float64))
+        except (TypeError, ValueError, RuntimeError):
+            return False
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    return a == b
+
+
+def overridden_by_checkpoint(asked: List[Dict[str, Any]], loaded: List[Dict[str, Any]]) -> List[Tuple[str, Any, Any]]:
+    """(key, checkpoint's value, command line's value) for each hyper-parameter loading the checkpoint changed.
+
+    ``asked``: :func:`hyperparameters` of the optimizer built from the command line, before
+    ``load_state_dict``; ``loaded``: after it.  A key either side lacks is not compared.
+    """
+    found: List[Tuple[str, Any, Any]] = []
+    for before, after in zip(asked, loaded):
+        for key, value in before.items():
+            if key not in after or _same(after[key], value):
+                continue
+            # groups often share a value (weight decay): each change is named once
+            if not any(k == key and _same(c, after[key]) and _same(v, value) for k, c, v in found):
+                found.append((key, after[key], value))
+    return found
+
+
+def _show(value: Any) -> str:
+    if isinstance(value, torch.Tensor) and value.numel() == 1:
+        value = value.item()
+    return repr(tuple(value)) if isinstance(value, list) else repr(value)
+
+
+def describe_overrides(overridden: List[Tuple[str, Any, Any]]) -> str:
+    return "; ".join(f"{key} ({_OPTION.get(key, '--opt-kwargs ' + key)}): checkpoint {_show(ckpt)} is used, "
+                     f"not the command line's {_show(asked)}" for key, ckpt, asked in overridden)
+
+
+def record_overrides(args, overridden: List[Tuple[str, Any, Any]]) -> None:
+    """Put the checkpoint's values into ``args`` where the command line's did not run."""
+    options = {"betas": "opt_betas", "eps": "opt_eps", "max_grad_norm": "max_grad_norm", "no_prox": "no_prox",
+               "momentum": "momentum"}
+    for key, ckpt, asked in overridden:
+        if isinstance(ckpt, torch.Tensor):
+            ckpt = ckpt.item() if ckpt.numel() == 1 else ckpt.tolist()
+        if key == "weight_decay":
+            # per group: the decayed groups hold --weight-decay, the exempt ones 0 (on both sides)
+            if _same(asked, args.weight_decay):
+                args.weight_decay = ckpt
+        elif key == "betas":
+            args.opt_betas = list(ckpt)
+        elif key in options:
+            setattr(args, options[key], ckpt)
+        elif key not in _DERIVED:
+            args.opt_kwargs = {**(args.opt_kwargs or {}), key: ckpt}

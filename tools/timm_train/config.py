@@ -2,7 +2,7 @@
 
     python tools/train_timm.py --config configs/timm/vit-s_150-I.yaml --data-dir /data/imagenet
     torchrun --nproc-per-node 8 tools/train_timm.py --config configs/timm/res50_100.yaml --data-dir ...
-    python tools/train_timm.py --config configs/timm/demo/digits_resnet10t.yaml     # embedded digits, CPU
+    python tools/train_timm.py --config configs/timm/demo/digits_test_resnet.yaml   # embedded digits, CPU
     python tools/train_timm.py --launch /path/to/timm/train.py --config configs/timm/res50_100.yaml ...
 
 The recipe YAMLs use timm train.py's argument names (the zoo's ``args_*.yaml``
@@ -12,16 +12,30 @@ load unchanged); every key can be overridden on the command line
 embedded dataset is used: scikit-learn's digits written once as an
 ImageFolder in the cache folder.
 
+Less optimizer memory: ``--opt-kwargs state_dtype=8bit`` or ``state_dtype=bfloat16``, ``kahan_sum=True``.
+
 The output folder holds ``args.yaml``, ``summary.csv`` (epoch, train_loss,
 eval_loss, eval_top1, eval_top5, lr), ``summary.png`` and checkpoints
 (``last.pth.tar``, ``model_best.pth.tar``, ``checkpoint-<epoch>.pth.tar``)
 that load with ``torch.load(weights_only=True)``.  ``--resume <checkpoint>``
-continues a run, epoch numbering, schedule and RNG streams included.
+continues a run, epoch numbering, schedule and RNG streams included; the
+optimizer's hyper-parameters (betas, weight decay, max_grad_norm, no_prox, ...)
+are the checkpoint's: one the command line sets otherwise is named in a
+warning, and ``args.yaml`` records the checkpoint's value.
+
+``--compare-adamw`` then trains the same recipe with AdamW into
+``<output>/adamw``: lr ``--adamw-lr`` (default: this run's / 5), weight decay
+``--adamw-weight-decay``, betas ``--adamw-betas`` (default: AdamW's own
+(0.9, 0.999), not the recipe's Adan betas), without Adan's keys
+(``max_grad_norm``, ``no_prox``, ``opt_kwargs``).
 
 ``--launch PATH`` runs an upstream timm ``train.py`` unmodified instead, with
 adan_plugin registered (``--opt adan`` is our Adan) and the Adan keys
 (``max_grad_norm``, ``no_prox``, ``bias_decay``, from ``--config`` or the
-command line) passed to the optimizer through ``--opt-kwargs``.
+command line) passed to the optimizer through ``--opt-kwargs``, together with
+the recipe's ``opt_kwargs`` and every ``--opt-kwargs`` of the command line
+(merged, the command line's last; timm's train.py alone keeps only the last
+occurrence).
 
 Every recipe key and option is either used, or listed here as having no effect
 (a warning names those a recipe sets), or refused with an error naming it when
@@ -125,11 +139,14 @@ def build_parser() -> argparse.ArgumentParser:
     add("--clip-mode", default="norm")
     add("--layer-decay", type=_opt_float, default=None)
     add("--max-grad-norm", type=float, default=0.0, help="Adan: global gradient-norm clip (0 = off)")
-    add("--no-prox", type=_bool, default=False, help="Adan: decoupled instead of proximal weight decay")
+    add("--no-prox", type=_bool, default=None,
+        help="Adan: decoupled instead of proximal weight decay; default: the --opt name's (adanw, cadanw, "
+             "fusedadanw: decoupled)")
     add("--bias-decay", type=_bool, default=False,
         help="weight decay on every parameter, 1-d ones (biases, norms) included")
     from timm.utils import ParseKwargs
-    add("--opt-kwargs", nargs="*", default={}, action=ParseKwargs, help="extra optimizer arguments k=v")
+    add("--opt-kwargs", nargs="*", default={}, action=ParseKwargs,
+        help="extra optimizer arguments k=v; less memory: state_dtype=8bit, state_dtype=bfloat16, kahan_sum=True")
     # schedule
     add("--sched", default="cosine")
     add("--sched-on-updates", type=_bool, default=False)
@@ -214,6 +231,8 @@ def build_parser() -> argparse.ArgumentParser:
     add("--adamw-lr", type=float, default=None,
         help="AdamW lr for --compare-adamw; default: this run's lr / 5 (the translation helper's ratio)")
     add("--adamw-weight-decay", type=float, default=0.05)
+    add("--adamw-betas", type=float, nargs=2, default=None,
+        help="AdamW betas for --compare-adamw; default: AdamW's own (0.9, 0.999), not the recipe's Adan betas")
     return p
 
 
