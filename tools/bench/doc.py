@@ -138,7 +138,10 @@ instead of two, and a shorter quantizer for blocks whose values are all finite) 
 and ViT-B/16 shapes; a third step (the level increment and the sign applied to the code bytes) saved
 another 2–3% (1.49 ns per element), a fourth (one finiteness sum per block over the new parameters, which
 every NaN state reaches, instead of one per state) another 2.5% (1.23 → 1.19 ns per element in a
-one-core harness at 32768 elements).  Timed alone, the four quantizers take about 8 cycles per 16 values
+one-core harness at 32768 elements; that harness's betas were by mistake (0.02, 0.08, 0.01), which take
+lerp's second formula: with the default betas it measures 1.15–1.26 ns per element on 2026-11-27, before
+and after a fifth step, which picks lerp's formula once per call instead of once per vector and saves
+AVX-512 nothing measurable).  Timed alone, the four quantizers take about 8 cycles per 16 values
 and state, and dropping any single instruction saves 0.2–1.1 cycles, so only fewer instructions would
 help.  Tried and dropped, each measured no faster: software prefetch one to eight blocks ahead, writing a
 block's codes while the next block updates (to overlap the divider), 256-bit vectors, an integer
@@ -161,13 +164,32 @@ replaced by no-ops, a ResNet-50 step (161 tensors) takes 0.55 ms in our `step()`
 
 The ratio moves with the host: AdamW streams and the 8-bit step computes, so when other guests load the
 host's cores (likely the other hardware thread of each physical core; the guest sees no steal time) the
-8-bit step slows and AdamW barely does.  Runs of this page on the same machine gave 1.27–1.80× on
-ResNet-50 shapes and 1.30–1.80× on ViT-B/16 shapes (ResNet-50: 1.79× and 1.80× in two runs at 01:35 and
-01:41 UTC on 2026-11-27, between which the 8-bit op alone took 1.36 ns per element on two threads and
-0.69 a minute later; 1.27× in the run below, whose compute probe still spread 1.43×).  On a CPU with
+8-bit step slows and AdamW barely does, and when they load its memory AdamW slows and the 8-bit step
+barely does.  Runs of this page on the same machine gave 1.16–1.80× on ResNet-50 shapes and 1.24–1.80×
+on ViT-B/16 shapes (ResNet-50: 1.79× and 1.80× in two runs at 01:35 and 01:41 UTC on 2026-11-27, between
+which the 8-bit op alone took 1.36 ns per element on two threads and 0.69 a minute later; 1.16× in the
+run below, where ViT-B/16 gave 1.80× step against step and 1.24× by the rounds' medians; measured apart
+at 04:03 UTC, AdamW's ViT-B/16 step took 34.1 ms, 71 GB/s, and the 8-bit one 59.2 ms: 1.78×).  On a CPU with
 full-width AVX-512 units and half this machine's memory bandwidth (the Intel Xeon the issue quotes: AdamW
 26.5 ms per ResNet-50 step, 2.5× slower than here) the balance shifts towards memory; no run there
 exists yet.
+
+CPUs with AVX2 but not AVX-512 (AMD EPYC before Zen 4, older Xeons) run the `avx2` build: the section
+`cpu-avx2` times it on this machine with torch's kernels capped likewise (`--cpu-isa avx2`: the code an
+AVX2-only CPU runs, on this machine's cores and memory).  Before this revision that build was far behind
+the AVX-512 one: on ResNet-50 shapes, in a quick step-against-step comparison on 2026-11-27 at 02:58 UTC
+(other work on the machine), 8-bit states 3.10×, bf16 states 1.42×, fp32 1.38× AdamW.  Counted by
+callgrind on one core (32768 elements, instructions per element), the 8-bit loop took 27.2: its quantizer
+was the portable one, clamped for NaN in every block, its block maxima propagated NaN at 4 instructions
+per vector, tail tests ran in every group and lerp's formula was chosen per vector (sixteen 256-bit
+registers spill what 32 512-bit ones hold).  It now has the AVX-512 build's structure (one finiteness sum
+per block, a plain maximum, a finite quantizer on int32 levels packed by their low bytes, whole groups
+with a constant count): 17.1; bf16 states 9.9 → 8.4 (the formula per call, and bf16 stores without the
+conversion's NaN test when the group's parameters hold no NaN, which every NaN state reaches), fp32 4.3 →
+3.8.  In the section's run: bf16 states 1.11× on ResNet-50 (met) but 1.36× on ViT-B/16 step against step
+(rounds' medians 1.10×; measured apart at 04:02 UTC 1.46×, AdamW's step then at 75 GB/s: there the AVX2
+bf16 step, 8.4 instructions per element, does not keep up with the memory), 8-bit states 1.57× and
+1.64×, fp32 1.47×.
 
 Why the CPU target "ours fused ≥ 6× faster than timm's Adan foreach" (ResNet-50 shapes, fp32) is out of
 reach: on these model sizes the steps are bound by memory bandwidth, not by arithmetic (ours fused runs at
