@@ -67,7 +67,7 @@ C10_HOST_DEVICE C10_ALWAYS_INLINE float dequant_factor(float absmax, int cmax) {
 // the worst estimate used (far above y's fp32 rounding, 2^-16 below 256, and whatever FMA contraction
 // does to e + constant), so c0 = floor(y) is c or c - 1, and c0 >= 0; then c = c0 + [v >= (c0 + 1/2)^2],
 // the threshold c0^2 + (c0 + 1/4) exact in fp32 (c0 <= 255), FMA or not.  The CPU vector builds
-// (adan_cpu_lowmem.h) estimate with their rsqrt instructions; the scalar code below with level_rsqrt.
+// (adan_cpu_codes.h) estimate with their rsqrt instructions; the scalar code below with level_rsqrt.
 constexpr float kLevelSlack = 0.125f;  // > the estimates' worst error, 255 * 1.5 * 2^-12 = 0.094 (AVX2 rsqrt)
 
 // 1 / sqrt(v) for a normal v: on a GPU the hardware's approximate reciprocal square root (CUDA's rsqrtf,
