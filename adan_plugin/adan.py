@@ -230,13 +230,12 @@ class Adan(Optimizer):
             raise ValueError(f"Adan: fused_backend='triton': the Triton kernels do not implement "
                              f"{', '.join(lacks)}")
         fused_only = [k for k in _FUSED_ONLY if group[k] not in (None, False)]
+        asks = f"{', '.join(fused_only)} {'needs' if len(fused_only) == 1 else 'need'}"
         for key, value in (("fused", False), ("foreach", True)):
             if fused_only and group[key] is value:
-                raise ValueError(f"Adan: {', '.join(fused_only)} {'needs' if len(fused_only) == 1 else 'need'} "
-                                 f"the fused kernels; they cannot be combined with {key}={value}")
+                raise ValueError(f"Adan: {asks} the fused kernels; they cannot be combined with {key}={value}")
         if (group["fused"] or fused_only) and group["caution"]:
-            fix = (f"{', '.join(fused_only)} {'needs' if len(fused_only) == 1 else 'need'} them" if fused_only
-                   else "use fused=None or fused=False")
+            fix = f"{asks} them" if fused_only else "use fused=None or fused=False"
             raise ValueError("Adan: the fused kernels do not implement caution=True (its per-tensor "
                              f"mask mean needs a second pass); {fix}")
 

@@ -52,12 +52,8 @@ C10_ALWAYS_INLINE void opaque(fVec& v) {
 #endif
 }
 
-// A block's largest |x|, NaN if any x is NaN (a NaN state keeps its block's scale NaN, as the
-// spec's max does).  AVX-512: vrangeps (max of magnitudes, sign cleared: one instruction for abs and
-// max) keeps an Inf but skips a NaN operand, so the update loop says instead whether a NaN can be in
-// the block (BlockFlag below); such a block is rescanned exactly from the buffer and quantized with
-// the clamped sequence, every other block with the shorter one for finite values.
-// The exact maximum of buf[0, len), for blocks that BlockFlag cannot clear of NaN.
+// The exact maximum of |buf[0, len)|, NaN from the first NaN on: for blocks that BlockFlag cannot
+// clear of NaN.
 inline float exact_max(const float* buf, int64_t len) {
   float out = 0.0f;
   for (int64_t j = 0; j < len; ++j) {
@@ -67,6 +63,11 @@ inline float exact_max(const float* buf, int64_t len) {
   return out;
 }
 
+// A block's largest |x|, NaN if any x is NaN (a NaN state keeps its block's scale NaN, as the
+// spec's max does).  The vector builds keep an Inf but skip a NaN (AVX-512: vrangeps, max of
+// magnitudes in one instruction; AVX2: vmaxps), so the update loop says instead whether a NaN can be
+// in the block (BlockFlag below); such a block is rescanned exactly (exact_max) and quantized with the
+// clamped sequence, every other block with the shorter one for finite values.
 struct BlockMax {
   fVec acc = fVec(0.0f);
 #if defined(CPU_CAPABILITY_AVX512)
@@ -106,10 +107,10 @@ struct BlockMax {
 // m, d and sqrt(n) enter p's update; -g and the gradient difference enter m, d and n; an old
 // state's NaN or Inf scale dequantizes to NaN or Inf values that do the same), multiplications by
 // zero included.  An Inf state need not reach p (sqrt(n) = Inf makes the update 0) but is kept by
-// vrangeps, so the block's scale shows it.  A block is quantized with the finite sequence when the
+// BlockMax, so the block's scale shows it.  A block is quantized with the finite sequence when the
 // sum and the four scales are finite (a sum past fp32's range is a false alarm that costs only time;
 // so is 0 / 0 in the lanes past a tensor's end, which hold zero states and gradients, when eps = 0).
-// The other builds always take their one, clamped, sequence.
+// The portable build always takes its one, clamped, sequence.
 struct BlockFlag {
 #if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
   fVec sum = fVec(0.0f);
@@ -199,7 +200,7 @@ void update_range_q8_t(const CpuTensor& t, int64_t begin, int64_t end, const Ada
                        ae.get(buf[3], len, finite)};
     if (finite && !(std::isfinite(absmax[0]) && std::isfinite(absmax[1]) && std::isfinite(absmax[2]) &&
                     std::isfinite(absmax[3]))) {
-      finite = false;  // an Inf state (the maxima are exact: vrangeps keeps an Inf)
+      finite = false;  // an Inf state (the maxima are exact: BlockMax keeps an Inf)
     }
     quantize_signed_run(buf[0], len, quant_factor(absmax[0], kSignedMax), qm + b0, finite);
     quantize_sq_run(buf[1], len, quant_factor(absmax[1], kUnsignedMax), qn + b0, finite);

@@ -525,18 +525,17 @@ def test_cpu_builds_agree(tmp_path):
                     torch.testing.assert_close(a, b, rtol=2e-2, atol=2e-3)
     # The blocks the vector builds treat apart (zero, tiny, NaN, Inf and huge values, a NaN old scale):
     # the same codes, scales and parameters, NaN where NaN.
+    ref = runs[isas[-1]]
     for isa in isas[:-1]:
         if isa == "base":
             continue
-        for key, tensors in runs[isa]["q8_edges"].items():
-            for i, (a, b) in enumerate(zip(tensors, runs[isas[-1]]["q8_edges"][key])):
-                torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True, msg=lambda m: f"{isa} {key} {i}: {m}")
-    assert not torch.isfinite(runs[isas[-1]]["q8_edges"]["torch.float32"][0]).all()  # the NaN reached p
-    for isa in isas[:-1]:
-        if isa != "base":
-            for i, (a, b) in enumerate(zip(runs[isa]["bf16_edges"], runs[isas[-1]]["bf16_edges"])):
-                torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True, msg=lambda m: f"{isa} bf16 {i}: {m}")
-    p, m, n, d, neg = runs[isas[-1]]["bf16_edges"]
+        pairs = [(f"8bit {key} {i}", a, b) for key, tensors in runs[isa]["q8_edges"].items()
+                 for i, (a, b) in enumerate(zip(tensors, ref["q8_edges"][key]))]
+        pairs += [(f"bf16 {i}", a, b) for i, (a, b) in enumerate(zip(runs[isa]["bf16_edges"], ref["bf16_edges"]))]
+        for what, a, b in pairs:
+            torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True, msg=lambda m: f"{isa} {what}: {m}")
+    assert not torch.isfinite(ref["q8_edges"]["torch.float32"][0]).all()  # the NaN reached p
+    p, m, n, d, neg = ref["bf16_edges"]
     assert m[3].isnan() and neg[3].isnan() and n[40].isinf() and m[100].isnan() and d[300].isnan()
 
 

@@ -37,6 +37,7 @@ class RunInfo:
 
 
 def _cpuinfo_field(name: str) -> str:
+    """The first value of ``name`` in /proc/cpuinfo ("" where there is none)."""
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
@@ -51,15 +52,7 @@ def _cpuinfo_field(name: str) -> str:
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    model = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    model = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
+    model = _cpuinfo_field("model name") or platform.processor() or platform.machine()
     family = _cpuinfo_field("cpu family")
     if family:  # "AMD EPYC" alone names no generation: family 25 model 17 is Zen 4 (Genoa)
         model += f" (family {family}, model {_cpuinfo_field('model')})"
@@ -74,11 +67,7 @@ CPU_ISAS = {"base": "default", "avx2": "avx2", "avx512": "avx512", "avx512_bf16"
 
 def best_cpu_isa() -> str:
     """The best of adan_plugin's CPU builds this CPU can run, from its flags (Linux; "base" elsewhere)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = next((set(line.split(":", 1)[1].split()) for line in f if line.startswith("flags")), set())
-    except OSError:
-        return "base"
+    flags = set(_cpuinfo_field("flags").split())
     if not {"avx2", "fma", "f16c"} <= flags:
         return "base"
     if not {"avx512f", "avx512bw", "avx512dq", "avx512vl"} <= flags:
