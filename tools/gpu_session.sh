@@ -9,6 +9,11 @@
 #   train   the digits demo (tools/train_timm.py, the README's recipe) on the CPU, then on CUDA with the
 #           fused kernels under AMP bf16 and AMP fp16 + GradScaler; top-1 of each, same machine, same run;
 #   bench   tools/bench_step.py --device cuda (docs/benchmarks.md's CUDA section and chart);
+#   tests, sanitizers
+#           the two halves of checks, for a lease that runs other stages between them;
+#   q8bench the bench part of q8 alone (after tests);
+#   profile Nsight Compute (SpeedOfLight, memory, occupancy, launch statistics) of each fused kernel on
+#           one 16M-element tensor (tools/profile_kernels.py), when ncu runs on the machine;
 #   q8      not in the default list: the 8-bit GPU kernels alone, for a short lease after a change to them
 #           (tests/test_cuda_lowmem.py, the 8-bit tests of tests/test_triton_cuda.py, then the GPT-2 bench
 #           rows of both 8-bit kernels next to torch's fused AdamW, as docs/benchmarks.md's supplementary
@@ -16,7 +21,8 @@
 #
 # Usage (repository root): tools/gpu_session.sh LOGDIR [STAGE ...]      (default: all four, in order)
 # PY picks the interpreter (default python3); OFFICIAL_ADAN the official copy (default .ext/sail-adan);
-# BENCH_ARGS extra arguments for the bench.  LOGDIR gets build.log, gpu_checks.log, train.log,
+# BENCH_ARGS extra arguments for the bench; TRAIN_RUNS the train stage's runs, DEVICE:ARGS separated by ';'
+# (default "cpu:;cuda:--amp --amp-dtype bfloat16;cuda:--amp --amp-dtype float16").  LOGDIR gets build.log, gpu_checks.log, train.log,
 # bench.log, and bench.tar (docs/benchmarks.md and its chart after the run).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -59,7 +65,8 @@ stage_checks() {
 stage_train() {
     {
         echo "== $(date -u '+%F %T UTC')"
-        for run in ${TRAIN_RUNS:-"cpu:" "cuda:--amp --amp-dtype bfloat16" "cuda:--amp --amp-dtype float16"}; do
+        IFS=';' read -ra runs <<< "${TRAIN_RUNS:-cpu:;cuda:--amp --amp-dtype bfloat16;cuda:--amp --amp-dtype float16}"
+        for run in "${runs[@]}"; do
             device=${run%%:*}
             extra=${run#*:}
             echo "== digits demo on $device ${extra:-(fp32)}"
@@ -79,22 +86,52 @@ stage_bench() {
     tar -cf "$LOGDIR/bench.tar" docs/benchmarks.md docs/*.png 2>/dev/null
 }
 
+stage_tests() {
+    GPU_CHECKS=tests PY=$PY timeout 240 tools/gpu_checks.sh "$LOGDIR/tests.log" > /dev/null 2>&1
+    echo "tests: exit $?" >> "$LOGDIR/tests.log"
+}
+
+stage_sanitizers() {
+    GPU_CHECKS=sanitizers PY=$PY timeout 240 tools/gpu_checks.sh "$LOGDIR/sanitizers.log" > /dev/null 2>&1
+    echo "sanitizers: exit $?" >> "$LOGDIR/sanitizers.log"
+}
+
+q8_bench() {
+    timeout 200 "$PY" tools/bench_step.py --device cuda --models gpt2-2048,gpt2-1536 --no-memory --max-seconds 1 \
+        --variants ours-fused-8bit,ours-fused-triton-8bit,ours-fused-bf16,ours-fused-triton-bf16,adamw-fused
+    echo "bench: exit $?"
+}
+
 stage_q8() {
     {
         echo "== $(date -u '+%F %T UTC')"
         TRITON_INTERPRET=0 timeout 200 "$PY" -m pytest -q -m cuda -rs -p no:cacheprovider tests/test_cuda_lowmem.py \
             tests/test_triton_cuda.py -k "8bit or q8 or quant or kahan"
         echo "tests: exit $?"
-        timeout 200 "$PY" tools/bench_step.py --device cuda --models gpt2-2048,gpt2-1536 --no-memory --max-seconds 1 \
-            --variants ours-fused-8bit,ours-fused-triton-8bit,ours-fused-bf16,adamw-fused
-        echo "bench: exit $?"
+        q8_bench
     } > "$LOGDIR/q8.log" 2>&1
     tar -cf "$LOGDIR/q8_bench.tar" docs/benchmarks.md docs/*.png 2>/dev/null
+}
+
+stage_q8bench() {
+    { echo "== $(date -u '+%F %T UTC')"; q8_bench; } > "$LOGDIR/q8bench.log" 2>&1
+    tar -cf "$LOGDIR/q8_bench.tar" docs/benchmarks.md docs/*.png 2>/dev/null
+}
+
+stage_profile() {
+    local ncu
+    ncu=$(command -v ncu || ls /usr/local/cuda/bin/ncu /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
+    {
+        echo "== $(date -u '+%F %T UTC') ncu: ${ncu:-not found}"
+        [ -n "$ncu" ] && timeout 150 "$ncu" --section SpeedOfLight --section MemoryWorkloadAnalysis \
+            --section Occupancy --section LaunchStats -k regex:adan "$PY" tools/profile_kernels.py
+        echo "profile: exit $?"
+    } > "$LOGDIR/profile.log" 2>&1
 }
 
 for stage in $STAGES; do
     echo "== stage $stage ($(date -u '+%T'))"
     "stage_$stage"
-    tail -4 "$LOGDIR/${stage/checks/gpu_checks}.log" 2>/dev/null
+    tail -4 "$LOGDIR/${stage/#checks/gpu_checks}.log" 2>/dev/null
 done
 echo "== done ($(date -u '+%T'))"
