@@ -236,3 +236,32 @@ def test_state_dtype_by_name_on_the_command_line_and_in_a_recipe(tmp_path, value
         args = train_timm.parse_args(["--opt", "adan", "--lr", "0.01", *argv])
         optimizer = timm_integration.create_optimizer(torch.nn.Linear(3, 2), args)
         assert optimizer.defaults["state_dtype"] == expected, argv
+
+
+def test_opt_kwargs_parse_text_values_whatever_timm_is_installed(monkeypatch, capsys):
+    # timm 1.0.29's ParseKwargs let literal_eval's SyntaxError out, so the documented state_dtype=8bit
+    # crashed the trainer on such a machine: the trainer parses --opt-kwargs itself.
+    import argparse
+    import ast
+
+    import timm.utils
+
+    class ParseKwargsOfTimm1029(argparse.Action):
+        def __call__(self, parser, namespace, values, option_string=None):
+            kw = {}
+            for value in values:
+                key, value = value.split("=", 1)
+                try:
+                    kw[key] = ast.literal_eval(value)
+                except ValueError:
+                    kw[key] = str(value)
+            setattr(namespace, self.dest, kw)
+
+    monkeypatch.setattr(timm.utils, "ParseKwargs", ParseKwargsOfTimm1029)
+    args = train_timm.parse_args(["--opt-kwargs", "state_dtype=8bit", "kahan_sum=True", "eps=1e-8", "note=a b",
+                                  "path=x=y"])
+    assert args.opt_kwargs == {"state_dtype": "8bit", "kahan_sum": True, "eps": 1e-8, "note": "a b", "path": "x=y"}
+    with pytest.raises(SystemExit) as exit_info:
+        train_timm.parse_args(["--opt-kwargs", "state_dtype"])
+    assert exit_info.value.code == 2
+    assert "--opt-kwargs: expected key=value pairs, got 'state_dtype'" in capsys.readouterr().err

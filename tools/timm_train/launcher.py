@@ -1,10 +1,9 @@
 """``--launch``: split our argv into an upstream timm train.py's argv and the Adan keys it cannot parse."""
 from __future__ import annotations
 
-import ast
 from typing import Any, Dict, List, Sequence
 
-from timm_train.config import ConfigError, _bool, build_parser, load_config
+from timm_train.config import ConfigError, _bool, build_parser, kwarg_value, load_config
 
 _ADAN_FLAGS = {"--max-grad-norm": "max_grad_norm", "--max_grad_norm": "max_grad_norm",
                "--no-prox": "no_prox", "--no_prox": "no_prox",
@@ -12,18 +11,10 @@ _ADAN_FLAGS = {"--max-grad-norm": "max_grad_norm", "--max_grad_norm": "max_grad_
 _OPT_KWARGS_FLAGS = ("--opt-kwargs", "--opt_kwargs")
 
 
-def _kwarg_value(text: str) -> Any:
-    # as timm's ParseKwargs reads it: a Python literal, else the text itself
-    try:
-        return ast.literal_eval(text)
-    except (ValueError, SyntaxError):
-        return text
-
-
 def _merge_opt_kwargs(argv: List[str], recipe: Dict[str, Any]) -> List[str]:
     """``argv`` with one ``--opt-kwargs``: the recipe's ``opt_kwargs``, then every occurrence of the command line.
 
-    timm's ``ParseKwargs`` replaces the dict on each occurrence, the recipe's
+    ``--opt-kwargs`` replaces the dict on each occurrence (ours and timm's), the recipe's
     included (a YAML's ``opt_kwargs`` is only a default): without merging, one
     ``--opt-kwargs`` on the command line would drop the recipe's ``state_dtype``.
     """
@@ -42,7 +33,7 @@ def _merge_opt_kwargs(argv: List[str], recipe: Dict[str, Any]) -> List[str]:
             if "=" not in pair:
                 raise ConfigError(f"--opt-kwargs: expected key=value pairs, got {pair!r}")
             key, value = pair.split("=", 1)
-            merged[key] = _kwarg_value(value)
+            merged[key] = kwarg_value(value)
     return out + (["--opt-kwargs"] + [f"{k}={v!r}" for k, v in merged.items()] if merged else [])
 
 
