@@ -196,6 +196,25 @@ def test_an_optimizer_error_from_a_recipe_exits_2_with_one_line(tmp_path):
                       "states) nor a torch dtype name (e.g. 'bfloat16', 'float32')"]
 
 
+def test_bf16_parameters_with_kahan_buffers_train_save_and_resume(tmp_path):
+    # --model-dtype bfloat16: pure-bf16 training (parameters, activations and gradients in bf16, no
+    # autocast), the loss in float32; kahan_sum's buffers are made, saved and restored on resume.
+    out = tmp_path / "bf16"
+    argv = [*FAST, "--model-dtype", "bfloat16", "--opt-kwargs", "kahan_sum=True", "--output", str(out)]
+    result, log = run_main([*argv, "--epochs", "1"])
+    assert "M bfloat16 params" in log, log[-2000:]
+    ckpt = torch.load(out / "last.pth.tar", map_location="cpu", weights_only=True)
+    floats = [v for v in ckpt["state_dict"].values() if v.is_floating_point()]
+    assert floats and {v.dtype for v in floats} == {torch.bfloat16}
+    comps = [s["kahan_comp"] for s in ckpt["optimizer"]["state"].values()]
+    assert len(comps) == len(ckpt["optimizer"]["state"]) > 0
+    assert {c.dtype for c in comps} == {torch.bfloat16} and any(bool(c.ne(0).any()) for c in comps)
+    resumed, resumed_log = run_main([*argv, "--epochs", "2", "--resume", str(out / "last.pth.tar")])
+    assert "restart from zero" not in resumed_log and "Epoch 1:" in resumed_log
+    assert resumed["final_top1"] > 25.0, resumed_log[-2000:]  # it learns (10% is chance; fp32: ~60% here)
+    assert "--model-dtype bfloat16 trains the parameters themselves" in _error([*argv, "--amp"])
+
+
 def test_compare_adamw_gives_adamw_its_own_betas(tmp_path, monkeypatch):
     from adan_plugin.integrations import timm as timm_integration
     runs = []

@@ -33,7 +33,7 @@ from timm_train.checkpoint import (  # noqa: E402,F401
 from timm_train.config import (  # noqa: E402,F401
     _NO_EFFECT, _RECIPE_ALIASES, _REFUSED, ConfigError, _bool, _opt_float, build_parser, load_config, parse_args)
 from timm_train.launcher import _ADAN_FLAGS, split_launch_args  # noqa: E402,F401
-from timm_train.loop import amp_context, make_loss, train_one_epoch, validate  # noqa: E402,F401
+from timm_train.loop import amp_context, make_loss, model_dtype, train_one_epoch, validate  # noqa: E402,F401
 from timm_train.runtime import (  # noqa: E402,F401
     create_model, epoch_seed, fmt_time, is_main, log, output_dir_for, plain, resolve_data_dir, seed_all,
     setup_distributed)
@@ -81,7 +81,7 @@ def train(args) -> Dict[str, Any]:
     if args.grad_checkpointing:
         model.set_grad_checkpointing(True)
     data_config = resolve_data_config(vars(args), model=model, verbose=False)
-    model.to(device)
+    model.to(device=device, dtype=model_dtype(args))
     if args.channels_last:
         model.to(memory_format=torch.channels_last)
     if args.distributed and args.sync_bn:
@@ -197,7 +197,8 @@ def train(args) -> Dict[str, Any]:
                            sort_keys=True)
         # a resumed run keeps the rows before its start and rewrites the rest
         rows = [r for r in read_summary(os.path.join(output_dir, "summary.csv")) if int(r["epoch"]) < start_epoch]
-    log(args, f"model {args.model} ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params), "
+    log(args, f"model {args.model} ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M "
+              f"{args.model_dtype or 'float32'} params), "
               f"optimizer {type(optimizer).__name__} ({args.opt}, fused backends "
               f"{getattr(optimizer, 'fused_backends', 'n/a')}), {num_epochs} epochs "
               f"({args.epochs} + {args.cooldown_epochs} cooldown), global batch "

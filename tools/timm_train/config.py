@@ -12,7 +12,8 @@ load unchanged); every key can be overridden on the command line
 embedded dataset is used: scikit-learn's digits written once as an
 ImageFolder in the cache folder.
 
-Less optimizer memory: ``--opt-kwargs state_dtype=8bit`` or ``state_dtype=bfloat16``, ``kahan_sum=True``.
+Less optimizer memory: ``--opt-kwargs state_dtype=8bit`` or ``state_dtype=bfloat16``.  Pure-bf16
+training (bf16 parameters, no autocast): ``--model-dtype bfloat16 --opt-kwargs kahan_sum=True``.
 
 The output folder holds ``args.yaml``, ``summary.csv`` (epoch, train_loss,
 eval_loss, eval_top1, eval_top5, lr), ``summary.png`` and checkpoints
@@ -242,6 +243,9 @@ def build_parser() -> argparse.ArgumentParser:
     add("--workers", "-j", type=int, default=4)
     add("--amp", type=_bool, default=False, help="mixed precision: float16 on CUDA, bfloat16 on CPU")
     add("--amp-dtype", default="float16")
+    add("--model-dtype", default=None, choices=["float32", "bfloat16", "float16"],
+        help="the parameters' own dtype (no autocast; not with --amp): bfloat16 for pure-bf16 training, "
+             "with --opt-kwargs kahan_sum=True so that updates below half a bf16 step are not lost")
     add("--no-prefetcher", type=_bool, default=False)
     add("--pin-mem", type=_bool, default=False)
     add("--output", default="", help="output folder (default ./output/train/<experiment>)")
@@ -401,6 +405,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     if args.opt_betas is not None:
         args.opt_betas = [float(b) for b in args.opt_betas]
     check_unsupported(args, cfg, pre.config)
+    if args.amp and args.model_dtype not in (None, "float32"):
+        raise ConfigError(f"--model-dtype {args.model_dtype} trains the parameters themselves in {args.model_dtype}; "
+                          "--amp autocasts float32 parameters: use one or the other")
     unused = [f"{k}={cfg[k]!r}" for k in sorted(cfg) if k in _NO_EFFECT or k in _REFUSED or k in _NOT_FROM_RECIPE]
     if unused:
         _warn(f"config {pre.config!r}: keys this trainer does not use, at values that cannot change the "

@@ -26,6 +26,21 @@ def make_loss(args, mixup_active: bool):
     return torch.nn.CrossEntropyLoss()
 
 
+def model_dtype(args):
+    """The parameters' dtype (--model-dtype), None for the model's own (float32)."""
+    return getattr(torch, args.model_dtype) if args.model_dtype else None
+
+
+def model_inputs(inputs, args):
+    """A batch as the model takes it: in the parameters' dtype (--model-dtype), channels-last if asked."""
+    dtype = model_dtype(args)
+    if dtype is not None:
+        inputs = inputs.to(dtype)
+    if args.channels_last:
+        inputs = inputs.contiguous(memory_format=torch.channels_last)
+    return inputs
+
+
 def amp_context(args, device):
     if not args.amp:
         return nullcontext, None
@@ -53,12 +68,12 @@ def train_one_epoch(epoch, model, loader, optimizer, loss_fn, args, device, lr_s
             inputs, target = inputs.to(device), target.to(device)
             if mixup_fn is not None:
                 inputs, target = mixup_fn(inputs, target)
-        if args.channels_last:
-            inputs = inputs.contiguous(memory_format=torch.channels_last)
+        inputs = model_inputs(inputs, args)
         sync = nullcontext() if (need_update or not args.distributed) else model.no_sync()
         with sync:
             with autocast():
-                loss = loss_fn(model(inputs), target)
+                # the loss in float32 whatever the parameters' dtype (--model-dtype)
+                loss = loss_fn(model(inputs).float(), target)
             scaled = loss / accum
             (scaler.scale(scaled) if scaler is not None else scaled).backward()
         if need_update:
@@ -111,8 +126,7 @@ def validate(model, loader, args, device, autocast, num_classes):
     for inputs, target in loader:
         if not args.prefetcher:
             inputs, target = inputs.to(device), target.to(device)
-        if args.channels_last:
-            inputs = inputs.contiguous(memory_format=torch.channels_last)
+        inputs = model_inputs(inputs, args)
         with autocast():
             output = model(inputs)
         output = output.float()
