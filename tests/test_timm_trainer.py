@@ -213,6 +213,10 @@ def test_bf16_parameters_with_kahan_buffers_train_save_and_resume(tmp_path):
     assert "restart from zero" not in resumed_log and "Epoch 1:" in resumed_log
     assert resumed["final_top1"] > 25.0, resumed_log[-2000:]  # it learns (10% is chance; fp32: ~60% here)
     assert "--model-dtype bfloat16 trains the parameters themselves" in _error([*argv, "--amp"])
+    recipe = tmp_path / "bf16.yaml"
+    recipe.write_text("model: test_resnet\nlr: 0.01\nmodel_dtype: bf16\n")  # argparse checks choices on the CLI only
+    assert "model_dtype: expected one of 'float32', 'bfloat16', 'float16', got 'bf16'" in _error(
+        ["--config", str(recipe)])
 
 
 def test_compare_adamw_gives_adamw_its_own_betas(tmp_path, monkeypatch):

@@ -345,9 +345,13 @@ def _convert(action: argparse.Action, key: str, value: Any, path: str) -> Any:
             if (isinstance(action.nargs, int) and len(value) != action.nargs) or (action.nargs == "+" and not value):
                 raise ValueError
             return [_convert_one(action, v) for v in value]
-        return _convert_one(action, value)
+        converted = _convert_one(action, value)
     except (ValueError, TypeError, argparse.ArgumentTypeError):
         raise ConfigError(f"config {path!r}: {key}: expected {_expected(action)}, got {value!r}") from None
+    if action.choices is not None and converted not in action.choices:  # argparse checks the command line only
+        raise ConfigError(f"config {path!r}: {key}: expected one of {', '.join(map(repr, action.choices))}, "
+                          f"got {value!r}")
+    return converted
 
 
 def load_config(path: str, parser: argparse.ArgumentParser) -> Dict[str, Any]:
