@@ -345,6 +345,13 @@ class Adan(Optimizer):
                 st["neg_pre_grad"] = st.pop("pre_grad").neg()
 
     # ------------------------------------------------------------ checkpoints
+    def state_dict(self) -> Dict[str, Any]:
+        """torch's state_dict, with 8-bit codes saved as ``<key>_codes`` (:func:`adan_plugin.lowmem.saved_form`:
+        another Adan loading the file must not take them for float states)."""
+        sd = super().state_dict()
+        sd["state"] = {index: lowmem.saved_form(st) for index, st in sd["state"].items()}
+        return sd
+
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
         """Load a checkpoint from this class, the official, timm's or mmpretrain's Adan.
 

@@ -42,7 +42,7 @@ def convert_state_dict(state_dict: Dict[str, Any], target: str) -> Dict[str, Any
         raise ValueError(f"convert_state_dict: unknown target {target!r}; expected one of {TARGETS}")
     out = {"state": {}, "param_groups": copy.deepcopy(state_dict["param_groups"])}
     for index, st in state_dict["state"].items():
-        st = dict(st)
+        st = dict(lowmem.loaded_form(st, f"convert_state_dict: the state of parameter {index!r}"))
         if target != "adan_plugin":
             st = lowmem.dequantize_state(st)
         if "neg_pre_grad" not in st and "pre_grad" in st:
@@ -52,7 +52,7 @@ def convert_state_dict(state_dict: Dict[str, Any], target: str) -> Dict[str, Any
                 st["pre_grad"] = st["neg_pre_grad"].neg()
         else:
             st.pop("pre_grad", None)
-        out["state"][index] = st
+        out["state"][index] = lowmem.saved_form(st)
     return out
 
 

@@ -4,7 +4,9 @@
 of a parameter with at least ``MIN_NUMEL`` elements is stored as one byte per
 element plus one float32 scale per block of ``BLOCK`` elements (in memory
 order), under ``state[key]`` (codes, the parameter's shape and strides) and
-``state[key + "_scale"]`` (``ceil(numel / BLOCK)`` scales).  The maps (the
+``state[key + "_scale"]`` (``ceil(numel / BLOCK)`` scales); ``state_dict()`` saves the
+codes as ``key + "_codes"`` (see :func:`saved_form`: other Adans must not take them
+for float states).  The maps (the
 spec; csrc/adan_quant.h is the kernels' copy, tests/test_lowmem.py checks both
 against a NumPy one):
 
@@ -46,6 +48,8 @@ BLOCK = 256
 MIN_NUMEL = 4096
 SCALE_SUFFIX = "_scale"
 SCALE_KEYS = tuple(k + SCALE_SUFFIX for k in STATE_KEYS)
+CODES_SUFFIX = "_codes"  # 8-bit codes in a saved state_dict (saved_form)
+CODES_KEYS = tuple(k + CODES_SUFFIX for k in STATE_KEYS)
 KAHAN_KEY = "kahan_comp"
 _MIN_ABSMAX = 1e-30
 _MAX_SQ_SCALE = float(torch.finfo(torch.float32).max) ** 0.5
@@ -159,6 +163,30 @@ def quantize_state(state: Dict[str, Any]) -> Dict[str, Any]:
     return out
 
 
+def saved_form(state: Any) -> Any:
+    """One parameter's state as ``Adan.state_dict()`` writes it: 8-bit codes under ``<key>_codes``.
+
+    Another Adan (timm's, the official, mmpretrain's) loading such a checkpoint directly would take the
+    codes for the states themselves: torch's ``Optimizer.load_state_dict`` casts them to the parameter's
+    dtype, and the step then runs on values like 87.0 without a word.  Under these names it finds no
+    ``exp_avg`` and stops at its first step (``KeyError``); ``convert_state_dict`` writes the float states
+    those loaders read.  In memory (``opt.state``) the codes keep the states' own keys."""
+    if not isinstance(state, dict) or not is_quantized(state):
+        return state
+    return {(k + CODES_SUFFIX if k in STATE_KEYS else k): v for k, v in state.items()}
+
+
+def loaded_form(state: Any, where: str) -> Any:
+    """One parameter's saved state with 8-bit codes back under the states' keys (the in-memory form).
+    Checkpoints written before the ``_codes`` names hold them there already."""
+    if not isinstance(state, dict) or not any(k + CODES_SUFFIX in state for k in STATE_KEYS):
+        return state
+    both = [k for k in STATE_KEYS if k in state and k + CODES_SUFFIX in state]
+    if both:
+        raise ValueError(f"{where} holds both '{both[0]}' and '{both[0] + CODES_SUFFIX}': two values for one state")
+    return {(k[:-len(CODES_SUFFIX)] if k in CODES_KEYS else k): v for k, v in state.items()}
+
+
 def kahan_buffer(state: Dict[str, Any], p: Tensor, kahan_sum: bool) -> Optional[Tensor]:
     """The parameter's compensation buffer (created zero on first use), or None when it has none."""
     if not uses_kahan(p, kahan_sum):
@@ -266,4 +294,4 @@ def _hook_adapt(out: Dict[str, Any], st: Dict[str, Any], p: Tensor, group: Dict[
 
 
 register_state_hook(StateHook(keys=SCALE_KEYS + (KAHAN_KEY,), claims=_hook_claims, check=_hook_check,
-                              adapt=_hook_adapt))
+                              adapt=_hook_adapt, unsave=loaded_form))

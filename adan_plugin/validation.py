@@ -249,12 +249,16 @@ class StateHook:
     (the table skips them; they reach ``adapt`` as saved);
     ``check(st, param, where)`` raises ``ValueError``, before any conversion;
     ``adapt(out, st, param, group)`` returns the state to install from the
-    converted one ``out`` (a new dict; never changes ``st`` or its tensors).
+    converted one ``out`` (a new dict; never changes ``st`` or its tensors);
+    ``unsave(st, where)``, first of all, the saved state with the keys that
+    ``state_dict()`` renames back under their in-memory names (a new dict, or
+    ``st`` itself when nothing is renamed; raises ``ValueError``).
     """
     keys: Tuple[str, ...]
     claims: Callable[[Dict[str, Any]], Sequence[str]]
     check: Callable[[Dict[str, Any], Tensor, str], None]
     adapt: Callable[[Dict[str, Any], Dict[str, Any], Tensor, Dict[str, Any]], Dict[str, Any]]
+    unsave: Callable[[Dict[str, Any], str], Dict[str, Any]] = lambda st, where: st
 
 
 STATE_HOOKS: List[StateHook] = []
@@ -288,6 +292,8 @@ def prepare_param_state(st: Any, param: Tensor, group: Dict[str, Any], where: st
         raise ValueError(f"{where} must be a dict, got {type(st).__name__}")
     if not st:
         return {}
+    for hook in STATE_HOOKS:
+        st = hook.unsave(st, where)
     known = set(STATE_ENTRIES).union(*(h.keys for h in STATE_HOOKS))
     unknown = [k for k in st if k not in known]
     if unknown:

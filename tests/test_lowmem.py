@@ -547,6 +547,43 @@ def test_8bit_checkpoint_loads_dequantized_into_fp32_and_back():
     _feed(q.param_groups[0]["params"], q, 2, seed=3)  # and it steps
 
 
+@pytest.mark.parametrize("foreign", ["timm", "mmpretrain"])
+def test_8bit_checkpoint_loaded_unconverted_by_another_adan_stops_instead_of_stepping_on_codes(foreign):
+    # torch's Optimizer.load_state_dict casts every state tensor to the parameter's dtype: under the
+    # states' own keys, int8 codes became float "moments" (87.0, ...) that timm's or mmpretrain's Adan
+    # stepped on without a word.  Saved as '<key>_codes', they are found by no other Adan: its first step
+    # stops on the missing 'exp_avg'.  (convert_state_dict writes what those loaders read: test below.)
+    if foreign == "timm":
+        other = pytest.importorskip("timm.optim.adan").Adan
+    else:
+        other = pytest.importorskip("mmpretrain.engine.optimizers.adan_t").Adan
+    params, opt = _trained("8bit")
+    sd = opt.state_dict()
+    big = sd["state"][1]  # the (5000,) parameter
+    assert {k for k in big if k.endswith("_codes")} == {k + "_codes" for k in STATE_KEYS}
+    assert big["exp_avg_codes"].dtype == torch.int8 and big["exp_avg_sq_codes"].dtype == torch.uint8
+    assert not set(STATE_KEYS) & set(big)
+    theirs_p = _clone_params(params)
+    theirs = other(theirs_p, lr=1e-2, weight_decay=0.02, betas=(0.98, 0.92, 0.99))
+    theirs.load_state_dict(copy.deepcopy(sd))
+    for p in theirs_p:
+        p.grad = torch.ones_like(p)
+    before = [p.detach().clone() for p in theirs_p]
+    with pytest.raises(KeyError, match="exp_avg"):
+        theirs.step()
+    assert torch.equal(theirs_p[1], before[1])  # the 8-bit parameter was not stepped on codes
+
+
+def test_8bit_checkpoint_in_both_forms_is_refused():
+    params, opt = _trained("8bit")
+    sd = copy.deepcopy(opt.state_dict())
+    sd["state"][1]["exp_avg"] = sd["state"][1]["exp_avg_codes"].clone()
+    fresh = Adan(_clone_params(params), lr=1e-2, state_dtype="8bit")
+    with pytest.raises(ValueError, match="holds both 'exp_avg' and 'exp_avg_codes'"):
+        fresh.load_state_dict(sd)
+    assert not fresh.state
+
+
 def test_8bit_checkpoint_converted_for_timm_continues_like_ours_fp32():
     timm_adan = pytest.importorskip("timm.optim.adan").Adan
     params, opt = _trained("8bit")
@@ -586,6 +623,8 @@ def test_8bit_checkpoint_converted_for_timm_continues_like_ours_fp32():
 def test_damaged_8bit_checkpoint_is_refused_before_anything_changes(damage, match):
     params, opt = _trained("8bit")
     sd = copy.deepcopy(opt.state_dict())
+    # damaged in the form checkpoints had before the '_codes' names (still loaded): the same checks follow
+    sd["state"][1] = lowmem.loaded_form(sd["state"][1], "")
     damage(sd["state"][1])  # the (5000,) parameter
     params2, opt2 = _trained("8bit", seed=1)
     before = copy.deepcopy(opt2.state_dict())

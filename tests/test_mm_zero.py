@@ -114,3 +114,90 @@ def test_zero_resolves_optimizer_type_through_the_registry_and_reports_bad_names
     assert resolve_optimizer_class("AdamW") is torch.optim.AdamW
     with pytest.raises(KeyError, match="optimizer_type='Adna' is not a registered optimizer"):
         resolve_optimizer_class("Adna")
+
+
+def _resume_worker(rank, init_file, out_dir, state_dtype):
+    # Two steps, a checkpoint (gathered on every rank, saved by rank 0), then two more steps; against a
+    # fresh ZeroRedundancyOptimizer that loads the checkpoint and takes the same two steps.
+    torch.set_num_threads(1)
+    import torch.distributed as dist
+    from mmengine.optim import build_optim_wrapper
+    from mmengine.registry import DefaultScope
+
+    import adan_plugin  # noqa: F401
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
+    DefaultScope.get_instance(f"zero_resume_{rank}", scope_name="mmpretrain")
+    g = torch.Generator().manual_seed(2)
+    xs, ys = torch.randn(4, BATCH, 64, generator=g), torch.randint(0, 3, (4, BATCH), generator=g)
+
+    def build(model):
+        cfg = dict(optimizer=dict(type="ZeroRedundancyOptimizer", optimizer_type="Adan", state_dtype=state_dtype,
+                                  **OPTIM))
+        return build_optim_wrapper(model, cfg)
+
+    def train(model, wrapper, steps):
+        for step in steps:
+            loss = torch.nn.functional.cross_entropy(model(xs[step][rank::WORLD]), ys[step][rank::WORLD])
+            wrapper.update_params(loss)
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.Tanh(), torch.nn.Linear(128, 3))
+    model = torch.nn.parallel.DistributedDataParallel(net)
+    wrapper = build(model)
+    train(model, wrapper, [0, 1])
+    weights = {k: v.clone() for k, v in net.state_dict().items()}
+    wrapper.optimizer.consolidate_state_dict()
+    if rank == 0:
+        torch.save(wrapper.optimizer.state_dict(), os.path.join(out_dir, "optim.pt"))
+    dist.barrier()
+    train(model, wrapper, [2, 3])
+
+    saved = torch.load(os.path.join(out_dir, "optim.pt"), weights_only=True)
+    net2 = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.Tanh(), torch.nn.Linear(128, 3))
+    net2.load_state_dict(weights)
+    model2 = torch.nn.parallel.DistributedDataParallel(net2)
+    wrapper2 = build(model2)
+    zero2 = wrapper2.optimizer
+    big = net2[0].weight  # 8192 elements: 8-bit states under state_dtype='8bit'
+    owner = zero2._param_to_rank[big]
+    damaged = {**saved, "state": dict(saved["state"])}
+    damaged["state"][0] = {**saved["state"][0]}
+    for key in list(damaged["state"][0]):
+        if torch.is_tensor(damaged["state"][0][key]) and damaged["state"][0][key].dim() == 2:
+            damaged["state"][0][key] = damaged["state"][0][key][:, :-1]
+    try:
+        zero2.load_state_dict(damaged)
+        refused = None
+    except ValueError as err:
+        refused = str(err)
+    untouched = not zero2.optim.state
+    zero2.load_state_dict(saved)
+    kept = {k: (v.dtype, tuple(v.shape)) for k, v in zero2.optim.state[big].items()} if owner == rank else None
+    train(model2, wrapper2, [2, 3])
+    torch.save({"refused": refused, "untouched": untouched, "owner": owner, "kept": kept,
+                "resumed": [p.detach().clone() for p in net2.parameters()],
+                "straight": [p.detach().clone() for p in net.parameters()]},
+               os.path.join(out_dir, f"rank{rank}.pt"))
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("state_dtype", [None, "8bit"])
+def test_zero_adan_resumes_from_its_checkpoint_as_if_never_stopped(tmp_path, state_dtype):
+    if state_dtype == "8bit" and not adan_plugin.fused_extension_available():
+        pytest.skip("8-bit states need the fused kernels")
+    mp.spawn(_resume_worker, args=(str(tmp_path / "rdzv"), str(tmp_path), state_dtype), nprocs=WORLD, join=True)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
+    owner = ranks[0]["owner"]
+    for rank, got in enumerate(ranks):
+        for a, b in zip(got["resumed"], got["straight"]):
+            assert torch.equal(a, b), f"rank {rank}"
+        # the damaged state (the big weight's) is refused by its owner, before anything is written there
+        if rank == owner:
+            assert got["refused"] is not None and got["untouched"]
+        else:
+            assert got["refused"] is None
+    assert "has shape" in ranks[owner]["refused"]
+    code = torch.int8 if state_dtype == "8bit" else torch.float32
+    kept = ranks[owner]["kept"]
+    assert kept["exp_avg"] == (code, (128, 64)) and ("exp_avg_scale" in kept) == (state_dtype == "8bit")

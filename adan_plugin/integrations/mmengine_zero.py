@@ -33,6 +33,7 @@ from mmengine.registry import OPTIMIZERS
 from torch.distributed.optim import ZeroRedundancyOptimizer as _TorchZero
 
 from ..adan import Adan
+from ..validation import prepare_param_state
 from .mmengine_options import optimizer_options_from_config
 
 # Keywords of torch's ZeroRedundancyOptimizer itself (besides process_group); all
@@ -95,8 +96,31 @@ class ZeroRedundancyOptimizer(_MMEngineZero):
         return _TorchZero.step(self, closure, **kwargs)
 
     def load_state_dict(self, state_dict) -> None:
+        if isinstance(self.optim, Adan):
+            state_dict = self._adan_states_checked(state_dict)
         self._gathered = False
         _TorchZero.load_state_dict(self, state_dict)
+
+    def _adan_states_checked(self, state_dict):
+        """A copy of ``state_dict`` whose states for this rank's parameters are checked and converted as
+        ``Adan.load_state_dict`` does (a damaged one raises before anything changes; 8-bit codes saved as
+        ``<key>_codes`` back under the states' keys; float <-> 8-bit states for the local optimizer's
+        ``state_dtype``): torch's ZeRO writes each state into the local optimizer as it finds it."""
+        where = "ZeroRedundancyOptimizer.load_state_dict"
+        if not isinstance(state_dict, dict) or not isinstance(state_dict.get("state"), dict) \
+                or not isinstance(state_dict.get("param_groups"), list):
+            raise ValueError(f"{where}: expected an optimizer state_dict (a dict with 'state' and 'param_groups')")
+        index_to_param = self._index_to_param
+        group_of = {p: g for g in self.optim.param_groups for p in g["params"]}
+        states = {}
+        for index, st in state_dict["state"].items():
+            if not (isinstance(index, int) and 0 <= index < len(index_to_param)):
+                raise ValueError(f"{where}: state for parameter id {index!r}, which no parameter group lists")
+            param = index_to_param[index]
+            if self._param_to_rank[param] == self.rank:
+                st = prepare_param_state(st, param, group_of[param], f"{where}: the state of parameter {index!r}")
+            states[index] = st
+        return {**state_dict, "state": states}
 
     def consolidate_state_dict(self, to: int = 0) -> None:
         _TorchZero.consolidate_state_dict(self, to)
