@@ -137,7 +137,7 @@ def _dequant_sq(codes, scale, CMAX: tl.constexpr):
 @triton.jit
 def _row_max(mag, mask):
     # The largest of each row's non-negative magnitudes (lanes outside the tensor count as 0); NaN when
-    # the row holds one, as csrc/adan_cuda_block.h max_nan (tl.max alone may drop NaNs on a GPU).
+    # the row holds one, as csrc/adan_quant.h's max_nan (tl.max alone may drop NaNs on a GPU).
     if mask is not None:
         mag = tl.where(mask, mag, 0.0)
     has_nan = tl.max((mag != mag).to(tl.int32), axis=1)

@@ -3,7 +3,8 @@ from __future__ import annotations
 
 from typing import Any, Dict, List, Sequence
 
-from timm_train.config import ConfigError, _bool, build_parser, kwarg_value, load_config
+from timm_train.config import ConfigError, _bool, build_parser, load_config
+from timm_train.opt_kwargs import kwarg_value
 
 _ADAN_FLAGS = {"--max-grad-norm": "max_grad_norm", "--max_grad_norm": "max_grad_norm",
                "--no-prox": "no_prox", "--no_prox": "no_prox",
