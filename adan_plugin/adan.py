@@ -473,7 +473,23 @@ class Adan(Optimizer):
             if group["caution"]:
                 raise ValueError("Adan: the fused kernels do not implement caution=True; use fused=False")
             self._check_fused_params(params, group)
+        if not any(params for params, _ in gathered):
+            self._check_not_left_on_meta()
         return hypers
+
+    def _check_not_left_on_meta(self) -> None:
+        """A step without any gradient on parameters still on the meta device: the model's parameters were
+        replaced after the optimizer took them (``module.to_empty()`` makes new ones unless
+        torch's swap-on-conversion is set), so every step would silently do nothing."""
+        for gi, group in enumerate(self.param_groups):
+            for pi, p in enumerate(group["params"]):
+                if p.is_meta:
+                    raise RuntimeError(
+                        f"Adan.step: param_groups[{gi}]['params'][{pi}] is on the meta device and no parameter "
+                        "has a gradient: the optimizer holds parameters the model no longer uses (module."
+                        "to_empty() or load_state_dict(assign=True) made new ones). Build the optimizer after "
+                        "materializing the model, or call torch.__future__.set_swap_module_params_on_conversion"
+                        "(True) before to_empty()")
 
     @torch.no_grad()
     def step(self, closure: Optional[Callable[[], Any]] = None):

@@ -111,3 +111,31 @@ def test_truncated_checkpoint_file_leaves_optimizer_usable(tmp_path):
     params[0].grad, params[1].grad = torch.randn(4, 3), torch.randn(5)
     opt.step()
     assert opt.param_groups[0]["step"] == 4
+
+
+def test_parameters_left_on_meta_by_to_empty_are_named_instead_of_silently_not_stepped():
+    # module.to_empty() gives the module new parameters (unless swap-on-conversion is set): an optimizer
+    # built on the meta model holds the old ones, which never get a gradient, so each step did nothing.
+    model = torch.nn.Linear(64, 64, device="meta")
+    opt = Adan(model.parameters(), lr=1e-2)
+    model.to_empty(device="cpu")
+    torch.nn.init.normal_(model.weight)
+    model(torch.randn(2, 64)).sum().backward()
+    with pytest.raises(RuntimeError, match=r"param_groups\[0\]\['params'\]\[0\] is on the meta device.*to_empty"):
+        opt.step()
+    assert not opt.state and opt.param_groups[0].get("step", 0) == 0
+    # With swap-on-conversion the optimizer's parameters are the model's: it steps them.
+    saved = torch.__future__.get_swap_module_params_on_conversion()
+    torch.__future__.set_swap_module_params_on_conversion(True)
+    try:
+        model = torch.nn.Linear(64, 64, device="meta")
+        opt = Adan(model.parameters(), lr=1e-2)
+        model.to_empty(device="cpu")
+    finally:
+        torch.__future__.set_swap_module_params_on_conversion(saved)
+    torch.nn.init.normal_(model.weight)
+    torch.nn.init.zeros_(model.bias)
+    before = model.weight.detach().clone()
+    model(torch.randn(2, 64)).sum().backward()
+    opt.step()
+    assert not torch.equal(before, model.weight)
