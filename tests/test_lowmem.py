@@ -911,3 +911,68 @@ def test_kahan_sum_must_be_a_real_bool(value):
     with pytest.raises(ValueError, match="kahan_sum must be True or False"):
         opt.add_param_group({"params": [torch.nn.Parameter(torch.ones(8))], "kahan_sum": value})
     assert len(opt.param_groups) == 1
+
+
+# ------------------------------------------------------------ hostile 8-bit checkpoints (property)
+_Q8_KEYS = [k + "_codes" for k in STATE_KEYS] + list(STATE_KEYS) + list(lowmem.SCALE_KEYS) + ["kahan_comp", "step"]
+
+
+def _q8_variants(t):
+    """What a damaged or hand-made checkpoint may hold where 8-bit codes or scales belong."""
+    flat = t.reshape(-1)
+    return [
+        flat[:-1].clone(), t.to(torch.int8), t.to(torch.uint8), t.to(torch.int16), t.float(), t.half(),
+        torch.full_like(t, -128, dtype=torch.int8), torch.full(t.shape, float("nan")),
+        torch.full(t.shape, -1.0), torch.full(t.shape, 1e30), torch.empty(t.shape, device="meta"),
+        t.detach().clone().unsqueeze(0), None, t.tolist(), 3, t.detach().clone(),
+    ]
+
+
+q8_corruption = st.one_of(
+    st.tuples(st.just("drop"), st.sampled_from(_Q8_KEYS)),
+    st.tuples(st.just("set"), st.sampled_from(_Q8_KEYS), st.sampled_from(_Q8_KEYS), st.integers(0, 15)),
+    st.tuples(st.just("rename"), st.sampled_from([k + "_codes" for k in STATE_KEYS]), st.booleans()),
+)
+
+
+@pytest.mark.parametrize("target_dtype", ["8bit", None])
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(how=q8_corruption)
+def test_a_damaged_8bit_checkpoint_is_refused_unchanged_or_loads_and_steps(target_dtype, how):
+    # Any one change to the 8-bit state of the (5000,) parameter: a key dropped, replaced by another key's
+    # tensor in another dtype or shape (or a non-tensor), or a code key renamed to its in-memory name (the
+    # form of older checkpoints: valid) or duplicated under it (refused).  Into an 8-bit optimizer and
+    # into a float one (dequantized): refused with a message and nothing changed, or loaded and stepping
+    # with states in the target's format.
+    from contract_helpers import assert_unchanged, snapshot
+    params, opt = _trained("8bit")
+    sd = copy.deepcopy(opt.state_dict())
+    st_ = sd["state"][1]
+    kind = how[0]
+    if kind == "drop":
+        st_.pop(how[1], None)
+    elif kind == "set":
+        source = st_.get(how[2], st_["exp_avg_codes"])
+        st_[how[1]] = _q8_variants(source if torch.is_tensor(source) else st_["exp_avg_codes"])[how[3]]
+    else:
+        key, keep = how[1], how[2]
+        st_[key[:-len("_codes")]] = st_[key] if keep else st_.pop(key)
+    target_params = _clone_params(params)
+    target = Adan(target_params, lr=1e-2, weight_decay=0.02, state_dtype=target_dtype)
+    _feed(target_params, target, 2, seed=5)
+    before = snapshot(target)
+    try:
+        target.load_state_dict(sd)
+    except ValueError as err:
+        assert str(err).startswith("Adan.load_state_dict") and len(str(err)) > 40, err
+        assert_unchanged(before, snapshot(target))
+        return
+    _feed(target_params, target, 1, seed=6)
+    for p in target_params:
+        st_p = target.state[p]
+        quantized = target_dtype == "8bit" and p.numel() >= lowmem.MIN_NUMEL
+        for key in STATE_KEYS:
+            want = lowmem.code_dtype(key) if quantized else torch.float32
+            assert st_p[key].dtype == want and st_p[key].shape == p.shape, (key, st_p[key].dtype)
+            assert (key + "_scale" in st_p) == quantized
+        assert not any(k.endswith("_codes") for k in st_p)
