@@ -219,6 +219,20 @@ def test_bf16_parameters_with_kahan_buffers_train_save_and_resume(tmp_path):
         ["--config", str(recipe)])
 
 
+@pytest.mark.skipif(not adan_plugin.fused_extension_available(), reason="8-bit states need the kernels")
+def test_resume_names_a_state_format_the_command_line_changes(tmp_path):
+    # state_dtype and kahan_sum are the run's own choices, not the checkpoint's: resuming an 8-bit run
+    # without --opt-kwargs state_dtype=8bit converts its states to fp32 (4x the memory); the log says so.
+    out = tmp_path / "q8"
+    run_main([*FAST, "--epochs", "1", "--opt-kwargs", "state_dtype=8bit", "--output", str(out)])
+    _, log = run_main([*FAST, "--epochs", "2", "--output", str(out), "--resume", str(out / "last.pth.tar")])
+    assert ("WARNING: checkpoint " + str(out / "last.pth.tar") + ": state_dtype='8bit' in the checkpoint, None in "
+            "this run (the states are converted on loading, 8-bit to float or back") in log
+    _, kept = run_main([*FAST, "--epochs", "3", "--opt-kwargs", "state_dtype=8bit", "--output", str(out),
+                        "--resume", str(out / "checkpoint-0.pth.tar")])
+    assert "state_dtype=" not in kept and "Epoch 2:" in kept
+
+
 def test_compare_adamw_gives_adamw_its_own_betas(tmp_path, monkeypatch):
     from adan_plugin.integrations import timm as timm_integration
     runs = []

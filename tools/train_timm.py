@@ -29,7 +29,7 @@ if _TOOLS_DIR not in sys.path:
 # Re-exported: these names stay importable as train_timm.<name>.
 from timm_train.checkpoint import (  # noqa: E402,F401
     CHECKPOINT_VERSION, check_resume, describe_overrides, hyperparameters, load_checkpoint, load_model_state,
-    overridden_by_checkpoint, record_overrides, save_checkpoint)
+    overridden_by_checkpoint, record_overrides, save_checkpoint, state_format_changes)
 from timm_train.config import (  # noqa: E402,F401
     _NO_EFFECT, _RECIPE_ALIASES, _REFUSED, ConfigError, _bool, _opt_float, build_parser, load_config, parse_args)
 from timm_train.launcher import _ADAN_FLAGS, split_launch_args  # noqa: E402,F401
@@ -115,6 +115,9 @@ def train(args) -> Dict[str, Any]:
                 optimizer.load_state_dict(ckpt["optimizer"])
             except (ValueError, KeyError, RuntimeError) as err:
                 raise ConfigError(f"checkpoint {args.resume!r}: its optimizer state does not fit: {err}") from None
+            changed = state_format_changes(ckpt["optimizer"].get("param_groups"), optimizer.param_groups)
+            if changed:
+                log(args, f"WARNING: checkpoint {args.resume}: {changed}")
             overridden = overridden_by_checkpoint(asked, hyperparameters(optimizer))
             if overridden:
                 # load_state_dict takes the hyper-parameters from the checkpoint: say so, and

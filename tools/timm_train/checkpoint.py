@@ -139,3 +139,25 @@ def record_overrides(args, overridden: List[Tuple[str, Any, Any]]) -> None:
             setattr(args, options[key], ckpt)
         elif key not in _DERIVED:
             args.opt_kwargs = {**(args.opt_kwargs or {}), key: ckpt}
+
+
+# execution choices the optimizer keeps over a checkpoint's (Adan.load_state_dict converts the states)
+_STATE_FORMAT = {"state_dtype": "the states are converted on loading, 8-bit to float or back",
+                 "kahan_sum": "the Kahan buffers of 16-bit parameters are made or dropped on loading"}
+
+
+def state_format_changes(saved_groups: Any, groups: List[Dict[str, Any]]) -> str:
+    """What the optimizer keeps differently from the checkpoint's (``state_dtype``, ``kahan_sum``), in words;
+    empty when nothing differs.  Those are this run's choices, not the checkpoint's: a resume without
+    ``--opt-kwargs state_dtype=8bit`` turns 8-bit states into float ones (4x the memory)."""
+    if not isinstance(saved_groups, list):
+        return ""
+    changes = []
+    for key, effect in _STATE_FORMAT.items():
+        pairs = {(repr(saved.get(key)), repr(group.get(key))) for saved, group in zip(saved_groups, groups)
+                 if isinstance(saved, dict) and key in saved and key in group and saved[key] != group[key]}
+        for was, now in sorted(pairs):
+            changes.append(f"{key}={was} in the checkpoint, {now} in this run ({effect}; --opt-kwargs "
+                           f"{key}=... keeps the checkpoint's)")
+    return "; ".join(changes)
+
