@@ -2,6 +2,7 @@
 math lives in :mod:`adan_plugin.functional`."""
 from __future__ import annotations
 
+import warnings
 from collections import defaultdict
 from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
 
@@ -474,22 +475,24 @@ class Adan(Optimizer):
                 raise ValueError("Adan: the fused kernels do not implement caution=True; use fused=False")
             self._check_fused_params(params, group)
         if not any(params for params, _ in gathered):
-            self._check_not_left_on_meta()
+            self._warn_if_left_on_meta()
         return hypers
 
-    def _check_not_left_on_meta(self) -> None:
-        """A step without any gradient on parameters still on the meta device: the model's parameters were
-        replaced after the optimizer took them (``module.to_empty()`` makes new ones unless
-        torch's swap-on-conversion is set), so every step would silently do nothing."""
+    def _warn_if_left_on_meta(self) -> None:
+        """A step without any gradient while parameters are still on the meta device is a no-op, as torch's
+        optimizers make it, but most likely a mistake: the model's parameters were replaced after the
+        optimizer took them (``module.to_empty()`` makes new ones unless torch's swap-on-conversion is
+        set), and every step would silently do nothing.  Said once per place, by Python's default filter."""
         for gi, group in enumerate(self.param_groups):
             for pi, p in enumerate(group["params"]):
                 if p.is_meta:
-                    raise RuntimeError(
+                    warnings.warn(
                         f"Adan.step: param_groups[{gi}]['params'][{pi}] is on the meta device and no parameter "
-                        "has a gradient: the optimizer holds parameters the model no longer uses (module."
-                        "to_empty() or load_state_dict(assign=True) made new ones). Build the optimizer after "
-                        "materializing the model, or call torch.__future__.set_swap_module_params_on_conversion"
-                        "(True) before to_empty()")
+                        "has a gradient, so this step does nothing: the optimizer holds parameters the model no "
+                        "longer uses (module.to_empty() or load_state_dict(assign=True) made new ones). Build the "
+                        "optimizer after materializing the model, or call torch.__future__."
+                        "set_swap_module_params_on_conversion(True) before to_empty()", stacklevel=3)
+                    return
 
     @torch.no_grad()
     def step(self, closure: Optional[Callable[[], Any]] = None):

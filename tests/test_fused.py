@@ -327,10 +327,12 @@ def test_unsupported_dtype_is_refused_and_meta_is_built_then_refused_at_step():
     with pytest.raises(RuntimeError, match="`fused=True` requires all the params"):
         opt.step()
     assert not opt.state and "step" not in opt.param_groups[0]
-    # torch's generic test goes on with zero_grad(), to_empty() and a step: a no-op, not an error.
+    # torch's generic test goes on with zero_grad(), to_empty() and a step: a no-op, not an error (with a
+    # warning naming the likely mistake: tests/test_adan_errors.py).
     opt.zero_grad(set_to_none=True)
     model.to_empty(device="cpu")
-    opt.step()
+    with pytest.warns(UserWarning, match="is on the meta device"):
+        opt.step()
     assert not opt.state
 
 
