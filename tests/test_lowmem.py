@@ -409,12 +409,13 @@ def test_cpu_kernel_and_cuda_code_agree():
 
 
 @pytest.mark.parametrize("p_dtype,kahan", [(torch.float32, False), (torch.bfloat16, True)])
-def test_cuda_code_steps_unaligned_tensors_as_aligned_ones(p_dtype, kahan):
+def test_cuda_code_steps_unaligned_tensors_as_aligned_ones(p_dtype, kahan, monkeypatch):
     # The CUDA block code reads a whole quantization block of aligned tensors with one vector access per
     # state and lane, and a partial block, or any block of a tensor whose storage is not 16-byte aligned,
     # element by element: the same parameter as an aligned tensor and as a view one element past an
     # aligned address must come out bit for bit the same, codes and scales included, over several steps
     # (two chunks, whole blocks and a partial last block).
+    _conftest._use_kernel("cuda_kernel_code", monkeypatch)
     n = 2 * 65536 + 4096 + 300
     start = torch.randn(n).to(p_dtype)
     aligned = torch.nn.Parameter(start.clone())
@@ -427,13 +428,8 @@ def test_cuda_code_steps_unaligned_tensors_as_aligned_ones(p_dtype, kahan):
         grad = torch.randn(n, generator=gen).to(p_dtype)
         aligned.grad = grad.clone()
         unaligned.grad = torch.empty(n + 1, dtype=p_dtype)[1:].copy_(grad)
-        saved = torch.ops.adan_plugin.fused_adan_
-        torch.ops.adan_plugin.fused_adan_ = torch.ops.adan_plugin._fused_adan_cuda_code_on_cpu_
-        try:
-            for opt in opts:
-                opt.step()
-        finally:
-            torch.ops.adan_plugin.fused_adan_ = saved
+        for opt in opts:
+            opt.step()
         assert torch.equal(aligned, unaligned), f"step {step}"
         for key, value in opts[0].state[aligned].items():
             assert torch.equal(value, opts[1].state[unaligned][key]), f"{key}, step {step}"
