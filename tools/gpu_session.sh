@@ -57,10 +57,12 @@ stage_build() {
     } > "$LOGDIR/build.log" 2>&1
 }
 
-stage_checks() {
-    PY=$PY timeout 380 tools/gpu_checks.sh "$LOGDIR/gpu_checks.log" > /dev/null 2>&1
-    echo "gpu_checks: exit $?" >> "$LOGDIR/gpu_checks.log"
+run_checks() {  # run_checks NAME TIMEOUT [SECTIONS]: tools/gpu_checks.sh into LOGDIR/NAME.log
+    GPU_CHECKS=${3:-} PY=$PY timeout "$2" tools/gpu_checks.sh "$LOGDIR/$1.log" > /dev/null 2>&1
+    echo "$1: exit $?" >> "$LOGDIR/$1.log"
 }
+
+stage_checks() { run_checks gpu_checks 380; }
 
 stage_train() {
     {
@@ -86,15 +88,9 @@ stage_bench() {
     tar -cf "$LOGDIR/bench.tar" docs/benchmarks.md docs/*.png 2>/dev/null
 }
 
-stage_tests() {
-    GPU_CHECKS=tests PY=$PY timeout 240 tools/gpu_checks.sh "$LOGDIR/tests.log" > /dev/null 2>&1
-    echo "tests: exit $?" >> "$LOGDIR/tests.log"
-}
+stage_tests() { run_checks tests 240 tests; }
 
-stage_sanitizers() {
-    GPU_CHECKS=sanitizers PY=$PY timeout 240 tools/gpu_checks.sh "$LOGDIR/sanitizers.log" > /dev/null 2>&1
-    echo "sanitizers: exit $?" >> "$LOGDIR/sanitizers.log"
-}
+stage_sanitizers() { run_checks sanitizers 240 sanitizers; }
 
 q8_bench() {
     timeout 200 "$PY" tools/bench_step.py --device cuda --models gpt2-2048,gpt2-1536 --no-memory --max-seconds 1 \
