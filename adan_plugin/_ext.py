@@ -98,10 +98,9 @@ def select_fused_backend(device: torch.device, requested: Optional[str] = None,
     ``requested`` (``Adan(fused_backend=...)``) forces one of FUSED_BACKENDS; ``None`` picks the
     compiled kernels when built for the device, else the Triton kernels when Triton supports the device
     (never for CPU tensors: there only an explicit ``"triton"`` runs them, in Triton's interpreter).
-    ``state_dtype`` is the group's: for ``"8bit"`` on a GPU Triton comes first, since its tiles of
-    quantization blocks (block maxima by row reductions) ran 37x faster on an H100 than the CUDA kernel's
-    former one-thread-per-block code (docs/benchmarks.md, GPT-2 1.3B: 16.7 vs 621 ms); the CUDA kernel's
-    warp-per-block rewrite has not been timed on a GPU yet, so the choice stands until it is.
+    ``state_dtype`` is the group's: for ``"8bit"`` on a GPU Triton comes first: on an H100 (GPT-2 1.3B
+    shapes, docs/benchmarks.md) its tiles of quantization blocks stepped in 13.98-14.05 ms, the CUDA
+    kernel's warp-per-block code in 19.61 ms (1.4x).
     ``triton_lacks`` names the enabled options the Triton kernels do not implement."""
     if requested in ("cpu", "cuda"):
         if device.type != requested:
