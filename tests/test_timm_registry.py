@@ -110,6 +110,23 @@ def test_state_dtype_by_name_as_mm_configs_write_it():
         create_optimizer_v2(nn.Linear(3, 2), "adan", lr=0.01, state_dtype="8-bit")
 
 
+@pytest.mark.skipif(not adan_plugin.fused_extension_available(), reason="8-bit states need the kernels")
+@pytest.mark.parametrize("name,no_prox", [("adan8bit", False), ("adanw8bit", True), ("lookahead_adan8bit", False)])
+def test_8bit_names_build_adan_with_8bit_states(name, no_prox):
+    model = nn.Linear(128, 64)  # an 8192-element weight (quantized) and a 64-element bias (fp32 states)
+    opt = create_optimizer_v2(model, name, lr=0.01)
+    adan = getattr(opt, "_base_optimizer", opt)  # timm's Lookahead wraps ours
+    assert type(adan) is Adan and adan.defaults["state_dtype"] == "8bit" and adan.defaults["no_prox"] is no_prox
+    model(torch.randn(4, 128)).sum().backward()
+    opt.step()
+    state = adan.state[model.weight]
+    assert state["exp_avg"].dtype == torch.int8 and state["exp_avg_sq"].dtype == torch.uint8
+    assert adan.state[model.bias]["exp_avg"].dtype == torch.float32
+    # an explicit state_dtype (--opt-kwargs, a recipe's opt_kwargs) wins over the name's
+    assert create_optimizer_v2(model, name, lr=0.01, state_dtype="bfloat16").param_groups[0]["state_dtype"] \
+        == torch.bfloat16
+
+
 # ----------------------------------------------------------------- grouping
 def test_default_grouping_exempts_1d_and_no_weight_decay_params():
     model = TinyNet()

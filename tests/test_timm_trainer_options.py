@@ -223,6 +223,9 @@ def test_the_opt_name_decides_no_prox_unless_it_is_given():
 
     assert (no_prox("--opt", "adan"), no_prox("--opt", "adanw"), no_prox("--opt", "cadanw")) == (False, True, True)
     assert no_prox("--opt", "adanw", "--no-prox", "false") is False and no_prox("--opt", "adan", "--no-prox") is True
+    if adan_plugin.fused_extension_available():  # 8-bit states need the kernels
+        assert (no_prox("--opt", "adan8bit"), no_prox("--opt", "adanw8bit")) == (False, True)
+        assert no_prox("--opt", "adanw8bit", "--no-prox", "false") is False
 
 
 @pytest.mark.parametrize("value, dtype", [("bfloat16", "bfloat16"), ("torch.bfloat16", "bfloat16"),

@@ -8,6 +8,10 @@ Registered names (``import adan_plugin`` does it)::
     cadan, cadanw        the same with timm's "cautious" masking
     fusedadan, fusedadanw
                          adan_plugin.FusedAdan: the compiled kernels or a clear error
+    adan8bit, adanw8bit  adan_plugin.Adan with state_dtype="8bit" (4.06 B of state per
+                         parameter instead of 16), by name: no --opt-kwargs needed
+                         (timm 1.0.29's parser stops at the text "8bit"); an explicit
+                         state_dtype in the options still wins
 
 timm's own names are replaced, so ``--opt adan`` / ``create_optimizer_v2(model,
 'adan')`` build our class; timm's ``lookahead_`` prefix, ``layer_decay`` and
@@ -39,7 +43,7 @@ from timm.optim import param_groups_layer_decay
 from ..adan import Adan, FusedAdan
 from .option_values import dtype_from_config
 
-ADAN_NAMES = ("adan", "adanw", "cadan", "cadanw", "fusedadan", "fusedadanw")
+ADAN_NAMES = ("adan", "adanw", "cadan", "cadanw", "fusedadan", "fusedadanw", "adan8bit", "adanw8bit")
 # Recipe keys that are Adan constructor arguments rather than timm arguments.
 ADAN_OPT_ARGS = ("max_grad_norm", "no_prox")
 
@@ -59,6 +63,10 @@ def _infos():
                           defaults={"no_prox": False}, **common),
         factory.OptimInfo("fusedadanw", FusedAdan, "Adan (adan_plugin) fused kernels, decoupled weight decay",
                           defaults={"no_prox": True}, **common),
+        factory.OptimInfo("adan8bit", Adan, "Adan (adan_plugin) with 8-bit block-wise states, proximal weight decay",
+                          defaults={"no_prox": False, "state_dtype": "8bit"}, **common),
+        factory.OptimInfo("adanw8bit", Adan, "Adan (adan_plugin) with 8-bit block-wise states, decoupled weight decay",
+                          defaults={"no_prox": True, "state_dtype": "8bit"}, **common),
     ]
 
 

@@ -144,7 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("--max-grad-norm", type=float, default=0.0, help="Adan: global gradient-norm clip (0 = off)")
     add("--no-prox", type=_bool, default=None,
         help="Adan: decoupled instead of proximal weight decay; default: the --opt name's (adanw, cadanw, "
-             "fusedadanw: decoupled)")
+             "fusedadanw, adanw8bit: decoupled)")
     add("--bias-decay", type=_bool, default=False,
         help="weight decay on every parameter, 1-d ones (biases, norms) included")
     add("--opt-kwargs", nargs="*", default={}, action=OptKwargs,
