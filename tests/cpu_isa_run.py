@@ -11,6 +11,7 @@ import sys
 import torch
 
 import adan_plugin._C  # noqa: F401  (registers the ops)
+from q8_spec import SIGNED, UNSIGNED, at_thresholds
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 SIZES = (1, 2, 7, 8, 9, 15, 16, 17, 31, 32, 33, 47, 63, 64, 65, 100, 16383, 16384, 16385, 40001)
@@ -44,6 +45,7 @@ def main(out_path):
                 ops.fused_adan_(*lists, **KW, step=2.0, first=False, grad_coef=torch.tensor(0.5))
                 results[(str(pd), str(sd), offset)] = buffers
     torch.save({"isa": ops._cpu_isa(), "results": results, "q8": q8_runs(gen), "q8_edges": q8_edge_runs(gen),
+                "q8_thresholds": q8_threshold_runs(),
                 "bf16_edges": bf16_state_edge_runs(gen),
                 "offsets": OFFSETS, "sizes": SIZES,
                 "tail": TAIL, "sentinel": SENTINEL, "code_sentinel": CODE_SENTINEL}, out_path)
@@ -87,6 +89,28 @@ def q8_runs(gen):
             ops.fused_adan_(*lists[:6], **kw, step=2.0, first=False, grad_coef=torch.tensor(0.5))
             results[(str(pd), offset)] = (bufs, [t for sc in scales for t in sc])
     return results
+
+
+def q8_threshold_runs():
+    """Codes and scales written for values at every level threshold and its fp32 neighbours
+    (q8_spec.at_thresholds), where each build's estimate of the level is settled (csrc/adan_cpu_codes.h):
+    one first step with betas 0, so exp_avg = g (signed map) and sqrt(exp_avg_sq) = |g| (unsigned map).
+    Returns {state key: (g, codes, scales)}."""
+    ops = torch.ops.adan_plugin
+    out = {}
+    for key, k, cmax in (("exp_avg", 0, SIGNED), ("exp_avg_sq", 1, UNSIGNED)):
+        g = torch.from_numpy(at_thresholds(cmax))
+        if key == "exp_avg_sq":
+            g = g.abs()
+        n = g.numel()
+        codes = [torch.zeros(n, dtype=torch.uint8 if j == 1 else torch.int8) for j in range(4)]
+        scales = [torch.zeros((n + 255) // 256) for _ in range(4)]
+        ops.fused_adan_([torch.zeros(n)], [g.clone()], *[[c] for c in codes], lr=0.0, beta1=0.0, beta2=0.0,
+                        beta3=0.0, eps=1e-8, weight_decay=0.0, no_prox=False, param_steps=[], step=1.0, first=True,
+                        exp_avg_scales=[scales[0]], exp_avg_sq_scales=[scales[1]], exp_avg_diff_scales=[scales[2]],
+                        neg_pre_grad_scales=[scales[3]], kahan_comps=[])
+        out[key] = (g, codes[k], scales[k])
+    return out
 
 
 def bf16_state_edge_runs(gen):

@@ -44,6 +44,22 @@ def np_dequantize(codes, scales, sq):
     return v.reshape(-1)[:n]
 
 
+def at_thresholds(cmax):
+    """Blocks of 256 values: cmax^2 first (the block's maximum, so that s = cmax^2 / A = 1 and v = |x|
+    exactly), then every level threshold (j - 1/2)^2 and its two fp32 neighbours, with both signs; zeros
+    fill the rest."""
+    t = (np.arange(1, cmax + 1, dtype=np.float32) - np.float32(0.5)) ** 2
+    vals = np.concatenate([t, np.nextafter(t, np.float32(0)), np.nextafter(t, np.float32(np.inf))])
+    vals = np.concatenate([vals, -vals])
+    blocks = []
+    for k in range(0, vals.size, 255):  # 255 values + the maximum per block
+        chunk = np.zeros(256, np.float32)
+        chunk[0] = cmax * cmax
+        chunk[1:1 + len(vals[k:k + 255])] = vals[k:k + 255]
+        blocks.append(chunk)
+    return np.concatenate(blocks)
+
+
 def spread_values(numel, seed):
     # Magnitudes spread over 12 decades between blocks and within them, exact zeros, an all-zero block,
     # a block of one repeated value and a short last block.

@@ -26,8 +26,8 @@ from adan_plugin.checkpoint import convert_state_dict
 from adan_plugin.functional import STATE_KEYS
 import conftest as _conftest
 from problems import stepped_copy
-from q8_spec import (ERR, SIGNED, UNSIGNED, assert_states_within_one_level, np_dequantize, np_quantize,
-                     spread_values as _test_values)
+from q8_spec import (ERR, SIGNED, UNSIGNED, assert_states_within_one_level, at_thresholds, np_dequantize,
+                     np_quantize, spread_values as _test_values)
 from reference import RefAdan
 from triton_interp import one_tile_per_chunk, triton_adan
 
@@ -195,28 +195,13 @@ def test_kernel_quantizer_on_subnormal_and_huge_finite_values(kernel_or_triton):
     _step_from_zero_states_is_the_spec(g)
 
 
-def _at_thresholds(cmax):
-    # In one block: cmax^2 (the block's maximum, so that s = cmax^2 / A = 1 and v = |x| exactly), then every
-    # level threshold (j - 1/2)^2 and its two fp32 neighbours, with both signs; zeros fill the rest.
-    t = (np.arange(1, cmax + 1, dtype=np.float32) - np.float32(0.5)) ** 2
-    vals = np.concatenate([t, np.nextafter(t, np.float32(0)), np.nextafter(t, np.float32(np.inf))])
-    vals = np.concatenate([vals, -vals])
-    blocks = []
-    for k in range(0, vals.size, 255):  # 255 values + the maximum per block
-        chunk = np.zeros(256, np.float32)
-        chunk[0] = cmax * cmax
-        chunk[1:1 + len(vals[k:k + 255])] = vals[k:k + 255]
-        blocks.append(chunk)
-    return np.concatenate(blocks)
-
-
 def test_kernel_quantizer_at_the_level_thresholds(kernel_or_triton):
     # The vector builds start from a 12/14-bit rsqrt estimate and settle the level with the thresholds
     # (adan_quant.h): exactly at a threshold and one ulp either side is where an estimate or a rounded
     # sqrt would go wrong.  betas 0 and a first step: exp_avg = g (signed map), sqrt(exp_avg_sq) =
     # sqrt(fl(g*g)) = |g| (unsigned map; g = 255^2 scales it to v = |g|).
     for key, cmax in (("exp_avg", SIGNED), ("exp_avg_sq", UNSIGNED)):
-        g = torch.from_numpy(_at_thresholds(cmax))
+        g = torch.from_numpy(at_thresholds(cmax))
         if key == "exp_avg_sq":
             g = g.abs()
         states, scales = _q8_states(g.numel())
@@ -244,9 +229,11 @@ def test_one_comparison_settles_any_estimate_within_the_slack():
     # c0 + [v >= c0^2 + (c0 + 1/4)] is the level.  Checked at every threshold, its fp32 neighbours and
     # random v, with estimates at both ends of the slack and between; an estimate 0.13 too high must fail
     # next to the thresholds (c0 passes c there), which is why the slack is what the builds' errors fit in.
+    # The same for the AVX2 build's signed maps, whose c0 is RN(e - 1/2) read off an fp32 above 2^23 (it
+    # holds for any error under 1/2, and fails past it).
     f32 = np.float32
     for cmax in (SIGNED, UNSIGNED):
-        v = np.abs(_at_thresholds(cmax))
+        v = np.abs(at_thresholds(cmax))
         v = np.concatenate([v, np.random.default_rng(cmax).uniform(0, cmax * cmax, 20000).astype(f32), [f32(0)]])
         want = np.searchsorted((np.arange(1, cmax + 1, dtype=np.float64) - 0.5) ** 2, v.astype(np.float64),
                                side="right")
@@ -257,9 +244,20 @@ def test_one_comparison_settles_any_estimate_within_the_slack():
             c0 = np.floor(e + f32(0.375)).astype(f32)
             return (c0 + (v >= c0 * c0 + (c0 + f32(0.25))).astype(f32)).astype(np.int64)
 
+        def settle_from_2_23(err):
+            # The AVX2 build's signed maps (csrc/adan_cpu_codes.h): f = max(RN(e + 2^23 - 1/2), 2^23), whose
+            # low bits are c0 = RN(e - 1/2) (0 below e = 1/2), and h = f - (2^23 - 1/2) = c0 + 1/2, the
+            # threshold h * h.  (e is an fp32 value: from e = 1/2 on, e + 2^23 - 1/2 is exact in float64.)
+            e = (root + err).astype(f32)
+            f = np.maximum((e.astype(np.float64) + (2.0 ** 23 - 0.5)).astype(f32), f32(2.0 ** 23))
+            h = f - f32(2.0 ** 23 - 0.5)
+            return ((h - f32(0.5)) + (v >= h * h).astype(f32)).astype(np.int64)
+
         for err in (-0.1249, -0.094, -1e-4, 0.0, 1e-4, 0.094, 0.1249):
             np.testing.assert_array_equal(settle(err), want, err_msg=f"cmax {cmax}, estimate error {err}")
+            np.testing.assert_array_equal(settle_from_2_23(err), want, err_msg=f"2^23: cmax {cmax}, error {err}")
         assert (settle(0.13) != want).any()
+        assert (settle_from_2_23(0.51) != want).any() and (settle_from_2_23(-0.51) != want).any()
 
 
 def test_kernel_dequantizer_is_the_spec_bit_for_bit(kernel_or_triton):
