@@ -527,3 +527,11 @@ def test_ours_fused_rows_name_the_compiled_kernel():
         opt = bs.VARIANTS[name].make(params)
         assert [g["fused_backend"] for g in opt.param_groups] == ["cpu"], name
     assert bs.VARIANTS["ours-foreach"].make(params).param_groups[0]["fused_backend"] is None
+
+
+def test_the_committed_page_starts_with_the_tools_header():
+    # bench_step rewrites docs/benchmarks.md from bench/doc.py's HEADER and its sections: text edited into
+    # the page's header instead of HEADER would vanish at the next run.
+    with open(os.path.join(REPO_ROOT, "docs", "benchmarks.md")) as f:
+        page = f.read()
+    assert page.split("\n\n## Results")[0] == bs.HEADER

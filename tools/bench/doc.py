@@ -146,7 +146,16 @@ and state, and dropping any single instruction saves 0.2–1.1 cycles, so only f
 help.  Tried and dropped, each measured no faster: software prefetch one to eight blocks ahead, writing a
 block's codes while the next block updates (to overlap the divider), 256-bit vectors, an integer
 threshold comparison and a sign-bit settle instead of the mask comparison; skipping the multiplications
-by 1 (no clipping, proximal decay) saved under 3%.
+by 1 (no clipping, proximal decay) saved under 3%.  Also dropped (2026-11-27, one-core harness, 32768
+elements, default betas: 4.15–4.19 cycles per element at 3.66 GHz): a quantizer that takes the level's
+floor from one FMA rounded toward −∞ onto 2²³ (c0 = floor(v·rsqrt14(v)) lands in the low byte of the
+float's bits, so no round, no float-to-int conversion, and the threshold is (f − (2²³ − ½))²; the same codes
+as the spec for every fp32 v in [0, cmax²], checked exhaustively): 7.9 → 7.05 cycles per 16 values and
+state timed alone, but 4.17–4.44 cycles per element inside the step, no faster; with the multiplications
+by 1 skipped as well, 3.95–4.04 (−4%, inside the harness's run-to-run spread of codegen and layout
+effects).  Removing the block maxima (4 instructions per 16 elements) saves about 3%, the dequantizing
+multiplications by |c| (6) 6%: the step pays for every instruction, and 1.0× AdamW needs about 25 fewer
+per 16 elements.
 
 How far the target is: AdamW's op takes 0.47–0.54 ns per element on two threads at 25M elements (bound
 by memory), so the 8-bit op, which scales about 1.85× on the two cores, would need about 0.9 ns per
@@ -172,7 +181,35 @@ run below, where ViT-B/16 gave 1.80× step against step and 1.24× by the rounds
 at 04:03 UTC, AdamW's ViT-B/16 step took 34.1 ms, 71 GB/s, and the 8-bit one 59.2 ms: 1.78×).  On a CPU with
 full-width AVX-512 units and half this machine's memory bandwidth (the Intel Xeon the issue quotes: AdamW
 26.5 ms per ResNet-50 step, 2.5× slower than here) the balance shifts towards memory; no run there
-exists yet.
+exists yet, only a prediction (next paragraph).
+
+**Predicted, not measured: the Intel Xeon.** `tools/cpu_loop_model.py` takes the built kernels' inner
+loops from the disassembly and simulates them with llvm-mca (LLVM 14; its newest models are Ice Lake-SP and
+Zen 3) on one core, operands in L1; `--measure` times the same builds on the host core for comparison (one
+thread, in L2, per-call cost excluded by timing two sizes).  Run on 2026-11-27 on this AMD EPYC (Zen 4,
+3.66 GHz measured with a dependent-add loop):
+
+| llvm-mca model | build | state | update loop (cycles/el) | quantizers (cycles/el) | total (cycles/el) | measured here, ns/el (cycles/el at 3.66 GHz) |
+|---|---|---|---|---|---|---|
+| icelake-server (skylake-avx512: the same) | avx512 | bf16 | 1.66 | | 1.66 | 0.675–0.694 (2.5) |
+| icelake-server | avx512 | 8-bit | 1.72 | 2.16 | 3.88 | 1.20–1.21 (4.4) |
+| znver3 | avx2 | bf16 | 6.13 | | 6.13 | 0.970–0.978 (3.6) |
+| znver3 | avx2 | 8-bit | 3.52 | 2.56 | 6.08 | 1.64–1.66 (6.0) |
+| znver3 | avx2 (signed quantizer on 2²³, below) | 8-bit | 3.42 | 2.45 | 5.87 | 1.61–1.64 (5.9–6.0) |
+
+How far the model can be trusted: on the AVX2 build, whose 256-bit instructions Zen 4 executes as a Zen 3
+does, it gives the 8-bit loop's cost to 2% (6.08 against 6.0 cycles per element) but overestimates the
+bf16 one by 70% (it stalls that loop on a dependency the core does not wait for); on the AVX-512 build no
+Intel core exists to check it against.  Taken at its word, on the issue's Xeon (AdamW: 26.5 ms per
+ResNet-50 step, 1.04 ns per element on two threads, 27 GB/s for its 28 B per element): the 8-bit step's
+20.2 B per element need 0.75 ns at that bandwidth, and its arithmetic, 3.9 cycles per element per core
+(Ice Lake-SP executes a 512-bit instruction whole on its ports 0 and 5, where Zen 4 splits it in two
+halves: 4.4 here) plus the per-block work the model leaves out, about 2.1 cycles of wall time per element
+on two cores, fits in 1.04 ns when the cores hold at least about 2.1 GHz under AVX-512: then the step is
+bound by memory at about 0.72× AdamW and the ≤ 1.0× target holds there; a Skylake-SP-class Xeon that
+drops to 2 GHz or below under AVX-512 would land near 1.0×.  The bf16 step, 1.66 cycles per element
+(0.4 ns of wall time on two cores at 2 GHz), stays bound by the same 28 B per element as AdamW: about
+1.0×, inside its 1.15× target.  These stay predictions until a run on such a CPU replaces them.
 
 CPUs with AVX2 but not AVX-512 (AMD EPYC before Zen 4, older Xeons) run the `avx2` build: the section
 `cpu-avx2` times it on this machine with torch's kernels capped likewise (`--cpu-isa avx2`: the code an
@@ -186,10 +223,16 @@ registers spill what 32 512-bit ones hold).  It now has the AVX-512 build's stru
 per block, a plain maximum, a finite quantizer on int32 levels packed by their low bytes, whole groups
 with a constant count): 17.1; bf16 states 9.9 → 8.4 (the formula per call, and bf16 stores without the
 conversion's NaN test when the group's parameters hold no NaN, which every NaN state reaches), fp32 4.3 →
-3.8.  In the section's run: bf16 states 1.11× on ResNet-50 (met) but 1.36× on ViT-B/16 step against step
-(rounds' medians 1.10×; measured apart at 04:02 UTC 1.46×, AdamW's step then at 75 GB/s: there the AVX2
-bf16 step, 8.4 instructions per element, does not keep up with the memory), 8-bit states 1.57× and
-1.64×, fp32 1.47×.
+3.8.  In that revision's run (04:00 UTC): bf16 states 1.11× on ResNet-50 (met) but 1.36× on ViT-B/16
+step against step (rounds' medians 1.10×; measured apart at 04:02 UTC 1.46×, AdamW's step then at 75
+GB/s: there the AVX2 bf16 step, 8.4 instructions per element, does not keep up with the memory), 8-bit
+states 1.57× and 1.64×, fp32 1.47×.  Since then the signed 8-bit maps' quantizer of this build reads its
+level estimate off an FMA rounded onto 2²³ (csrc/README.md): 6.1 → 5.6 cycles per element for the 8-bit
+loop in a one-core harness.  The section's run below (08:24 UTC, the second of two 5 minutes apart on a
+loaded host: the first gave 2.25× and 1.79× step against step for 8-bit states, 1.48× and 1.12× for bf16
+states, the second 1.67× and 2.36×, 1.12× and 1.51×; rounds' medians 1.62× → 1.34× and 1.80× → 1.62× for
+8-bit) shows how far single runs move on this host today; the one-core numbers above are the steadier
+measure of the code.
 
 Why the CPU target "ours fused ≥ 6× faster than timm's Adan foreach" (ResNet-50 shapes, fp32) is out of
 reach: on these model sizes the steps are bound by memory bandwidth, not by arithmetic (ours fused runs at
