@@ -15,7 +15,8 @@ quantizers), and ns per element at ``--ghz``.
 A prediction, not a measurement: a model of the core alone (every operand in L1, no memory
 bandwidth, no frequency drop under AVX-512, no per-block or per-call work), so it bounds how fast the
 arithmetic can stream, which matters only where that is slower than memory (8-bit states: the step is
-then bound by its arithmetic, docs/benchmarks.md).  LLVM 14's models stop at Zen 3 and Ice Lake.
+then bound by its arithmetic, docs/benchmarks.md).  LLVM 14's scheduling models stop at Zen 3 and Ice
+Lake: newer Intel names it accepts (sapphirerapids) reuse Ice Lake's and give the same numbers.
 """
 from __future__ import annotations
 

@@ -186,8 +186,8 @@ full-width AVX-512 units and half this machine's memory bandwidth (the Intel Xeo
 exists yet, only a prediction (next paragraph).
 
 **Predicted, not measured: the Intel Xeon.** `tools/cpu_loop_model.py` takes the built kernels' inner
-loops from the disassembly and simulates them with llvm-mca (LLVM 14; its newest models are Ice Lake-SP and
-Zen 3) on one core, operands in L1; `--measure` times the same builds on the host core for comparison (one
+loops from the disassembly and simulates them with llvm-mca (LLVM 14; its newest scheduling models are Ice
+Lake-SP, which `sapphirerapids` reuses, and Zen 3) on one core, operands in L1; `--measure` times the same builds on the host core for comparison (one
 thread, in L2, per-call cost excluded by timing two sizes).  Run on 2026-11-27 on this AMD EPYC (Zen 4,
 3.66 GHz measured with a dependent-add loop):
 
