@@ -11,7 +11,7 @@ import sys
 import torch
 
 import adan_plugin._C  # noqa: F401  (registers the ops)
-from q8_spec import SIGNED, UNSIGNED, at_thresholds
+from q8_spec import threshold_cases
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 SIZES = (1, 2, 7, 8, 9, 15, 16, 17, 31, 32, 33, 47, 63, 64, 65, 100, 16383, 16384, 16385, 40001)
@@ -93,16 +93,12 @@ def q8_runs(gen):
 
 def q8_threshold_runs():
     """Codes and scales written for values at every level threshold and its fp32 neighbours
-    (q8_spec.at_thresholds), where each build's estimate of the level is settled (csrc/adan_cpu_codes.h):
-    one first step with betas 0, so exp_avg = g (signed map) and sqrt(exp_avg_sq) = |g| (unsigned map).
+    (q8_spec.threshold_cases), where each build's estimate of the level is settled (csrc/adan_cpu_codes.h).
     Returns {state key: (g, codes, scales)}."""
     ops = torch.ops.adan_plugin
     out = {}
-    for key, k, cmax in (("exp_avg", 0, SIGNED), ("exp_avg_sq", 1, UNSIGNED)):
-        g = torch.from_numpy(at_thresholds(cmax))
-        if key == "exp_avg_sq":
-            g = g.abs()
-        n = g.numel()
+    for key, _, g in threshold_cases():
+        k, n = ("exp_avg", "exp_avg_sq").index(key), g.numel()
         codes = [torch.zeros(n, dtype=torch.uint8 if j == 1 else torch.int8) for j in range(4)]
         scales = [torch.zeros((n + 255) // 256) for _ in range(4)]
         ops.fused_adan_([torch.zeros(n)], [g.clone()], *[[c] for c in codes], lr=0.0, beta1=0.0, beta2=0.0,

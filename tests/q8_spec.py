@@ -60,6 +60,21 @@ def at_thresholds(cmax):
     return np.concatenate(blocks)
 
 
+def threshold_cases():
+    """(state key, cmax, g) of the level-threshold check: a first step with betas 0 from zero states makes
+    exp_avg = g (signed map) and sqrt(exp_avg_sq) = sqrt(fl(g*g)) = |g| (unsigned map), so every v the
+    quantizer sees is a threshold or one of its fp32 neighbours (at_thresholds; s = 1)."""
+    for key, cmax in (("exp_avg", SIGNED), ("exp_avg_sq", UNSIGNED)):
+        g = torch.from_numpy(at_thresholds(cmax))
+        yield key, cmax, (g.abs() if key == "exp_avg_sq" else g)
+
+
+def threshold_spec(key, g):
+    """(codes, scales) the spec gives for ``key``'s state after that step."""
+    x = g.numpy()
+    return np_quantize((x * x).astype(np.float32) if key == "exp_avg_sq" else x, sq=key == "exp_avg_sq")
+
+
 def spread_values(numel, seed):
     # Magnitudes spread over 12 decades between blocks and within them, exact zeros, an all-zero block,
     # a block of one repeated value and a short last block.

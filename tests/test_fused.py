@@ -19,7 +19,7 @@ from adan_plugin.fused import _fused_adan
 from adan_plugin.functional import STATE_KEYS, _single_tensor_adan
 from problems import (assert_skipped_steps_change_nothing, make_problem, param_groups, reference_groups,
                       run_amp, run_grad_scaler, run_torch)
-from q8_spec import np_quantize
+from q8_spec import threshold_spec
 from reference import RefAdan
 
 pytestmark = pytest.mark.skipif(not _ext.extension_loaded(), reason="adan_plugin._C is not built")
@@ -531,8 +531,7 @@ def test_cpu_builds_agree(tmp_path):
     # fp32 neighbours (each settles its own estimate of the level there: csrc/adan_cpu_codes.h).
     for isa, run in runs.items():
         for key, (g, codes, scales) in run["q8_thresholds"].items():
-            sq = key == "exp_avg_sq"
-            want_codes, want_scales = np_quantize(g.numpy() * g.numpy() if sq else g.numpy(), sq=sq)
+            want_codes, want_scales = threshold_spec(key, g)
             np.testing.assert_array_equal(codes.numpy(), want_codes, err_msg=f"{isa} {key}")
             np.testing.assert_array_equal(scales.numpy(), want_scales, err_msg=f"{isa} {key}")
     # The blocks the vector builds treat apart (zero, tiny, NaN, Inf and huge values, a NaN old scale):

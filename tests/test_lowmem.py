@@ -27,7 +27,7 @@ from adan_plugin.functional import STATE_KEYS
 import conftest as _conftest
 from problems import stepped_copy
 from q8_spec import (ERR, SIGNED, UNSIGNED, assert_states_within_one_level, at_thresholds, np_dequantize,
-                     np_quantize, spread_values as _test_values)
+                     np_quantize, spread_values as _test_values, threshold_cases, threshold_spec)
 from reference import RefAdan
 from triton_interp import one_tile_per_chunk, triton_adan
 
@@ -200,15 +200,11 @@ def test_kernel_quantizer_at_the_level_thresholds(kernel_or_triton):
     # (adan_quant.h): exactly at a threshold and one ulp either side is where an estimate or a rounded
     # sqrt would go wrong.  betas 0 and a first step: exp_avg = g (signed map), sqrt(exp_avg_sq) =
     # sqrt(fl(g*g)) = |g| (unsigned map; g = 255^2 scales it to v = |g|).
-    for key, cmax in (("exp_avg", SIGNED), ("exp_avg_sq", UNSIGNED)):
-        g = torch.from_numpy(at_thresholds(cmax))
-        if key == "exp_avg_sq":
-            g = g.abs()
+    for key, cmax, g in threshold_cases():
         states, scales = _q8_states(g.numel())
         _op(torch.zeros(g.numel()), g.clone(), states, scales, betas=(0.0, 0.0, 0.0), step=1.0, first=True)
         k = STATE_KEYS.index(key)
-        expected = g.numpy() if key == "exp_avg" else (g.numpy() * g.numpy()).astype(np.float32)
-        codes, absmax = np_quantize(expected, sq=key == "exp_avg_sq")
+        codes, absmax = threshold_spec(key, g)
         np.testing.assert_array_equal(scales[k].numpy(), absmax, err_msg=key)
         assert (absmax == cmax * cmax).all()  # s = 1: v is the value itself
         np.testing.assert_array_equal(states[k].numpy(), codes, err_msg=key)

@@ -242,7 +242,8 @@ def main(argv=None) -> int:
             print(f"cpu_loop_model: `{tool}` is not installed (binutils, llvm)", file=sys.stderr)
             return 2
     mcpus = args.mcpu.split(",") if args.mcpu else list(DEFAULT_MODELS)
-    unknown = [m for m in mcpus if m not in known_models()]
+    known = known_models()
+    unknown = [m for m in mcpus if m not in known]
     if unknown:
         print(f"cpu_loop_model: llvm-mca has no CPU model {', '.join(unknown)} (`llvm-mca -mcpu=help` lists "
               "them)", file=sys.stderr)
