@@ -194,8 +194,10 @@ thread, in L2, per-call cost excluded by timing two sizes).  Run on 2026-11-27 o
 | llvm-mca model | build | state | update loop (cycles/el) | quantizers (cycles/el) | total (cycles/el) | measured here, ns/el (cycles/el at 3.66 GHz) |
 |---|---|---|---|---|---|---|
 | icelake-server (skylake-avx512: the same) | avx512 | bf16 | 1.66 | | 1.66 | 0.675–0.694 (2.5) |
+| icelake-server (the same), bf16 loads by permutation and unpacks (csrc/README.md) | avx512 | bf16 | 1.51 | | 1.51 | 0.60–0.70 (2.2–2.6) |
 | icelake-server | avx512 | 8-bit | 1.72 | 2.16 | 3.88 | 1.20–1.21 (4.4) |
 | znver3 | avx2 | bf16 | 6.13 | | 6.13 | 0.970–0.978 (3.6) |
+| znver3 | avx2, bf16 loads as above | bf16 | 5.31 | | 5.31 | 0.874–0.885 (3.2) |
 | znver3 | avx2 | 8-bit | 3.52 | 2.56 | 6.08 | 1.64–1.66 (6.0) |
 | znver3 | avx2 (signed quantizer on 2²³, below) | 8-bit | 3.42 | 2.45 | 5.87 | 1.61–1.64 (5.9–6.0) |
 
@@ -209,7 +211,7 @@ ResNet-50 step, 1.04 ns per element on two threads, 27 GB/s for its 28 B per ele
 halves: 4.4 here) plus the per-block work the model leaves out, about 2.1 cycles of wall time per element
 on two cores, fits in 1.04 ns when the cores hold at least about 2.1 GHz under AVX-512: then the step is
 bound by memory at about 0.72× AdamW and the ≤ 1.0× target holds there; a Skylake-SP-class Xeon that
-drops to 2 GHz or below under AVX-512 would land near 1.0×.  The bf16 step, 1.66 cycles per element
+drops to 2 GHz or below under AVX-512 would land near 1.0×.  The bf16 step, 1.51 cycles per element
 (0.4 ns of wall time on two cores at 2 GHz), stays bound by the same 28 B per element as AdamW: about
 1.0×, inside its 1.15× target.  These stay predictions until a run on such a CPU replaces them.
 
