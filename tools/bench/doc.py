@@ -178,9 +178,12 @@ host's cores (likely the other hardware thread of each physical core; the guest 
 8-bit step slows and AdamW barely does, and when they load its memory AdamW slows and the 8-bit step
 barely does.  Runs of this page on the same machine gave 1.16–1.80× on ResNet-50 shapes and 1.24–1.80×
 on ViT-B/16 shapes (ResNet-50: 1.79× and 1.80× in two runs at 01:35 and 01:41 UTC on 2026-11-27, between
-which the 8-bit op alone took 1.36 ns per element on two threads and 0.69 a minute later; 1.16× in the
-run below, where ViT-B/16 gave 1.80× step against step and 1.24× by the rounds' medians; measured apart
-at 04:03 UTC, AdamW's ViT-B/16 step took 34.1 ms, 71 GB/s, and the 8-bit one 59.2 ms: 1.78×).  On a CPU with
+which the 8-bit op alone took 1.36 ns per element on two threads and 0.69 a minute later; 1.16× in an
+earlier run of this page, where ViT-B/16 gave 1.80× step against step and 1.24× by the rounds' medians;
+measured apart at 04:03 UTC, AdamW's ViT-B/16 step took 34.1 ms, 71 GB/s, and the 8-bit one 59.2 ms:
+1.78×).  The run below (10:08 UTC) caught AdamW at its fastest on this machine (10.5 ms per ResNet-50
+step, 0.41 ns per element): 8-bit states 1.36× and 1.98× step against step (rounds' medians 1.85× and
+1.39×), bf16 states 1.03× and 1.10× (met).  On a CPU with
 full-width AVX-512 units and half this machine's memory bandwidth (the Intel Xeon the issue quotes: AdamW
 26.5 ms per ResNet-50 step, 2.5× slower than here) the balance shifts towards memory; no run there
 exists yet, only a prediction (next paragraph).
@@ -232,11 +235,21 @@ step against step (rounds' medians 1.10×; measured apart at 04:02 UTC 1.46×, A
 GB/s: there the AVX2 bf16 step, 8.4 instructions per element, does not keep up with the memory), 8-bit
 states 1.57× and 1.64×, fp32 1.47×.  Since then the signed 8-bit maps' quantizer of this build reads its
 level estimate off an FMA rounded onto 2²³ (csrc/README.md): 6.1 → 5.6 cycles per element for the 8-bit
-loop in a one-core harness.  The section's run below (08:24 UTC, the second of two 5 minutes apart on a
-loaded host: the first gave 2.25× and 1.79× step against step for 8-bit states, 1.48× and 1.12× for bf16
-states, the second 1.67× and 2.36×, 1.12× and 1.51×; rounds' medians 1.62× → 1.34× and 1.80× → 1.62× for
-8-bit) shows how far single runs move on this host today; the one-core numbers above are the steadier
-measure of the code.
+loop in a one-core harness.  Two runs of this section at 08:24 UTC, 5 minutes apart on a loaded host,
+gave 2.25× and 1.79× step against step for 8-bit states, 1.48× and 1.12× for bf16 states, then 1.67×
+and 2.36×, 1.12× and 1.51×.  Since then bf16 loads take a permutation and two unpacks instead of ATen's
+conversion (csrc/README.md): the AVX2 bf16 op on one thread 0.97–1.00 → 0.87–0.89 ns per element.  The
+section's run below (10:12 UTC) again met AdamW at its fastest (10.2 ms per ResNet-50 step, 32.5 ms per
+ViT-B/16 step: 0.40 and 0.38 ns per element), where the AVX2 bf16 step does not keep up: bf16 states 1.41×
+and 1.45× (not met), 8-bit 2.25× and 2.49×, fp32 1.45× (met).  That step is bound by its integer
+conversion instructions, not by memory or the divider: on one thread (ns per element, timing-only
+builds, 2026-11-27) fp32 states take 0.48–0.51 and bf16 states 0.88–0.90; bf16 stores truncated instead
+of rounded (three fewer instructions per vector: the rounding's shift, mask and add) 0.66; the square
+root and division replaced by multiplications 0.73–0.77.  Rounding to nearest even needs those
+instructions on AVX2 (no conversion instruction), and a sequence without the shift (mask, compare,
+subtract) measured no faster (0.91–0.92).  With AdamW's step slower (quick paired runs at about 09:55
+UTC, AdamW at 14.7–15.1 ms per ResNet-50 step), the same AVX2 bf16 code gave 1.06–1.07× on ResNet-50 and
+1.01× on ViT-B/16: the target holds or fails with the host's memory speed on this CPU.
 
 Why the CPU target "ours fused ≥ 6× faster than timm's Adan foreach" (ResNet-50 shapes, fp32) is out of
 reach: on these model sizes the steps are bound by memory bandwidth, not by arithmetic (ours fused runs at
