@@ -94,7 +94,7 @@ C10_ALWAYS_INLINE void load_bf16(const c10::BFloat16* ptr, int64_t n, fVec& a, f
 
 #if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
 template <>
-struct Io<c10::BFloat16> {
+struct Io<c10::BFloat16> : AtenIo<c10::BFloat16> {
   static C10_ALWAYS_INLINE void load(const c10::BFloat16* ptr, int64_t n, fVec& a, fVec& b) {
     load_bf16(ptr, n, a, b);
   }
@@ -110,11 +110,7 @@ struct Io<c10::BFloat16> {
       _mm512_mask_storeu_epi16(ptr, static_cast<__mmask32>((1ULL << n) - 1), v);
     }
   }
-#else
-  static C10_ALWAYS_INLINE void store(c10::BFloat16* ptr, int64_t n, const fVec& a, const fVec& b) {
-    AtenIo<c10::BFloat16>::store(ptr, n, a, b);
-  }
-#endif
+#endif  // otherwise AtenIo's store
 };
 #endif
 
@@ -122,38 +118,35 @@ struct Io<c10::BFloat16> {
 // whole-vector load, an extract and two conversions (ATen's).  Exact, as ATen's: every fp16 value,
 // subnormals included, is an fp32 value.  Stores keep ATen's conversion (vcvtps2ph, round to nearest even).
 #if defined(CPU_CAPABILITY_AVX512)
-template <>
-struct Io<c10::Half> {
-  static C10_ALWAYS_INLINE void load(const c10::Half* ptr, int64_t n, fVec& a, fVec& b) {
-    if (n >= 2 * kW) {
-      a = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(ptr)));
-      b = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(ptr + kW)));
-    } else {
-      const int64_t na = std::min<int64_t>(n, kW), nb = std::max<int64_t>(n - kW, 0);
-      a = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(static_cast<__mmask16>((1u << na) - 1), ptr));
-      b = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(static_cast<__mmask16>((1u << nb) - 1), ptr + kW));
-    }
+C10_ALWAYS_INLINE void load_half(const c10::Half* ptr, int64_t n, fVec& a, fVec& b) {
+  if (n >= 2 * kW) {
+    a = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(ptr)));
+    b = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(ptr + kW)));
+  } else {
+    const int64_t na = std::min<int64_t>(n, kW), nb = std::max<int64_t>(n - kW, 0);
+    a = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(static_cast<__mmask16>((1u << na) - 1), ptr));
+    b = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(static_cast<__mmask16>((1u << nb) - 1), ptr + kW));
   }
-  static C10_ALWAYS_INLINE void store(c10::Half* ptr, int64_t n, const fVec& a, const fVec& b) {
-    AtenIo<c10::Half>::store(ptr, n, a, b);
-  }
-};
+}
 #elif defined(CPU_CAPABILITY_AVX2)
-template <>
-struct Io<c10::Half> {
-  static C10_ALWAYS_INLINE void load(const c10::Half* ptr, int64_t n, fVec& a, fVec& b) {
-    if (n >= 2 * kW) {
-      a = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(ptr)));
-      b = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(ptr + kW)));
-    } else {
-      alignas(32) c10::Half tmp[2 * kW] = {};
-      std::memcpy(tmp, ptr, n * sizeof(c10::Half));
-      a = _mm256_cvtph_ps(_mm_load_si128(reinterpret_cast<const __m128i*>(tmp)));
-      b = _mm256_cvtph_ps(_mm_load_si128(reinterpret_cast<const __m128i*>(tmp + kW)));
-    }
+C10_ALWAYS_INLINE void load_half(const c10::Half* ptr, int64_t n, fVec& a, fVec& b) {
+  const auto convert = [](const c10::Half* q) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q))); };
+  if (n >= 2 * kW) {
+    a = convert(ptr), b = convert(ptr + kW);
+  } else {
+    alignas(32) c10::Half tmp[2 * kW] = {};
+    // 0 <= n < 2*kW here; the clamp tells GCC so (inlined into the 8-bit loop it warns of a negative n).
+    std::memcpy(tmp, ptr, std::clamp<int64_t>(n, 0, 2 * kW) * sizeof(c10::Half));
+    a = convert(tmp), b = convert(tmp + kW);
   }
-  static C10_ALWAYS_INLINE void store(c10::Half* ptr, int64_t n, const fVec& a, const fVec& b) {
-    AtenIo<c10::Half>::store(ptr, n, a, b);
+}
+#endif
+
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+template <>
+struct Io<c10::Half> : AtenIo<c10::Half> {
+  static C10_ALWAYS_INLINE void load(const c10::Half* ptr, int64_t n, fVec& a, fVec& b) {
+    load_half(ptr, n, a, b);
   }
 };
 #endif
