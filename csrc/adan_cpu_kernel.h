@@ -69,7 +69,7 @@ struct Io : AtenIo<T> {};
 // Ice Lake-SP model predicts 1.66 -> 1.51 cycles per element for the AVX-512 build.  Stores keep ATen's
 // rounding (with its NaN test) except where noted below.
 #if defined(CPU_CAPABILITY_AVX512)
-C10_ALWAYS_INLINE void load_bf16(const c10::BFloat16* ptr, int64_t n, fVec& a, fVec& b) {
+C10_ALWAYS_INLINE void load_16bit(const c10::BFloat16* ptr, int64_t n, fVec& a, fVec& b) {
   const __m512i v = n >= 2 * kW ? _mm512_loadu_si512(ptr)
                                 : _mm512_maskz_loadu_epi16(static_cast<__mmask32>((1ULL << n) - 1), ptr);
   const __m512i w = _mm512_permutexvar_epi64(_mm512_setr_epi64(0, 4, 1, 5, 2, 6, 3, 7), v);
@@ -77,7 +77,7 @@ C10_ALWAYS_INLINE void load_bf16(const c10::BFloat16* ptr, int64_t n, fVec& a, f
   b = _mm512_castsi512_ps(_mm512_unpackhi_epi16(_mm512_setzero_si512(), w));
 }
 #elif defined(CPU_CAPABILITY_AVX2)
-C10_ALWAYS_INLINE void load_bf16(const c10::BFloat16* ptr, int64_t n, fVec& a, fVec& b) {
+C10_ALWAYS_INLINE void load_16bit(const c10::BFloat16* ptr, int64_t n, fVec& a, fVec& b) {
   __m256i v;
   if (n >= 2 * kW) {
     v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(ptr));
@@ -92,33 +92,11 @@ C10_ALWAYS_INLINE void load_bf16(const c10::BFloat16* ptr, int64_t n, fVec& a, f
 }
 #endif
 
-#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
-template <>
-struct Io<c10::BFloat16> : AtenIo<c10::BFloat16> {
-  static C10_ALWAYS_INLINE void load(const c10::BFloat16* ptr, int64_t n, fVec& a, fVec& b) {
-    load_bf16(ptr, n, a, b);
-  }
-#ifdef ADAN_CPU_NATIVE_BF16
-  // AVX512-BF16: one vcvtne2ps2bf16 rounds 32 floats (round to nearest even, as ATen's integer
-  // sequence does, which the other builds keep); unlike that sequence it reads and writes subnormals
-  // as zero (DAZ/FTZ), a change below 1.2e-38 in absolute value.
-  static C10_ALWAYS_INLINE void store(c10::BFloat16* ptr, int64_t n, const fVec& a, const fVec& b) {
-    const __m512i v = reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(b, a));  // a in the low half
-    if (n >= 2 * kW) {
-      _mm512_storeu_si512(ptr, v);
-    } else {
-      _mm512_mask_storeu_epi16(ptr, static_cast<__mmask32>((1ULL << n) - 1), v);
-    }
-  }
-#endif  // otherwise AtenIo's store
-};
-#endif
-
 // fp16 -> fp32 with the conversion reading memory: two vcvtph2ps per 2*kW values instead of a
 // whole-vector load, an extract and two conversions (ATen's).  Exact, as ATen's: every fp16 value,
 // subnormals included, is an fp32 value.  Stores keep ATen's conversion (vcvtps2ph, round to nearest even).
 #if defined(CPU_CAPABILITY_AVX512)
-C10_ALWAYS_INLINE void load_half(const c10::Half* ptr, int64_t n, fVec& a, fVec& b) {
+C10_ALWAYS_INLINE void load_16bit(const c10::Half* ptr, int64_t n, fVec& a, fVec& b) {
   if (n >= 2 * kW) {
     a = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(ptr)));
     b = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(ptr + kW)));
@@ -129,7 +107,7 @@ C10_ALWAYS_INLINE void load_half(const c10::Half* ptr, int64_t n, fVec& a, fVec&
   }
 }
 #elif defined(CPU_CAPABILITY_AVX2)
-C10_ALWAYS_INLINE void load_half(const c10::Half* ptr, int64_t n, fVec& a, fVec& b) {
+C10_ALWAYS_INLINE void load_16bit(const c10::Half* ptr, int64_t n, fVec& a, fVec& b) {
   const auto convert = [](const c10::Half* q) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q))); };
   if (n >= 2 * kW) {
     a = convert(ptr), b = convert(ptr + kW);
@@ -143,11 +121,28 @@ C10_ALWAYS_INLINE void load_half(const c10::Half* ptr, int64_t n, fVec& a, fVec&
 #endif
 
 #if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+// A 16-bit type whose loads this build does itself (load_16bit above); stores stay ATen's.
+template <typename T>
+struct Io16 : AtenIo<T> {
+  static C10_ALWAYS_INLINE void load(const T* ptr, int64_t n, fVec& a, fVec& b) { load_16bit(ptr, n, a, b); }
+};
 template <>
-struct Io<c10::Half> : AtenIo<c10::Half> {
-  static C10_ALWAYS_INLINE void load(const c10::Half* ptr, int64_t n, fVec& a, fVec& b) {
-    load_half(ptr, n, a, b);
+struct Io<c10::Half> : Io16<c10::Half> {};
+template <>
+struct Io<c10::BFloat16> : Io16<c10::BFloat16> {
+#ifdef ADAN_CPU_NATIVE_BF16
+  // AVX512-BF16: one vcvtne2ps2bf16 rounds 32 floats (round to nearest even, as ATen's integer
+  // sequence does, which the other builds keep); unlike that sequence it reads and writes subnormals
+  // as zero (DAZ/FTZ), a change below 1.2e-38 in absolute value.
+  static C10_ALWAYS_INLINE void store(c10::BFloat16* ptr, int64_t n, const fVec& a, const fVec& b) {
+    const __m512i v = reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(b, a));  // a in the low half
+    if (n >= 2 * kW) {
+      _mm512_storeu_si512(ptr, v);
+    } else {
+      _mm512_mask_storeu_epi16(ptr, static_cast<__mmask32>((1ULL << n) - 1), v);
+    }
   }
+#endif
 };
 #endif
 
