@@ -61,61 +61,60 @@ struct AtenIo {
 template <typename T>
 struct Io : AtenIo<T> {};
 
-// bf16 -> fp32 for 2*kW values (n < 2*kW at a tensor's end, missing ones read as 0): one load, its
-// 64-bit quarters reordered so that the in-lane unpacks with zero yield values 0..kW-1 and kW..2kW-1 in
-// order, each bf16 moved into the upper half of its fp32 lane.  Three instructions per 2*kW values where
-// ATen's conversion takes five (a second load of the low half, an extract, two zero extensions, two
-// shifts): 5-18% off the bf16-state loop on Zen 4, depending on the build (csrc/README.md); llvm-mca's
-// Ice Lake-SP model predicts 1.66 -> 1.51 cycles per element for the AVX-512 build.  Stores keep ATen's
-// rounding (with its NaN test) except where noted below.
+// 16-bit -> fp32 for 2*kW values (n < 2*kW at a tensor's end, missing ones read as 0), faster than
+// ATen's conversions; stores keep ATen's (rounding with a NaN test) except where noted below.
+// - bf16: one load, its 64-bit quarters reordered so that the in-lane unpacks with zero yield values
+//   0..kW-1 and kW..2kW-1 in order, each bf16 moved into the upper half of its fp32 lane.  Three
+//   instructions per 2*kW values where ATen's conversion takes five (a second load of the low half, an
+//   extract, two zero extensions, two shifts): 5-18% off the bf16-state loop on Zen 4, depending on the
+//   build (csrc/README.md); llvm-mca's Ice Lake-SP model predicts 1.66 -> 1.51 cycles per element for
+//   the AVX-512 build.
+// - fp16: the conversion reads memory, two vcvtph2ps per 2*kW values instead of a whole-vector load, an
+//   extract and two conversions.  Exact, as ATen's: every fp16 value, subnormals included, is an fp32 value.
 #if defined(CPU_CAPABILITY_AVX512)
-C10_ALWAYS_INLINE void load_16bit(const c10::BFloat16* ptr, int64_t n, fVec& a, fVec& b) {
-  const __m512i v = n >= 2 * kW ? _mm512_loadu_si512(ptr)
-                                : _mm512_maskz_loadu_epi16(static_cast<__mmask32>((1ULL << n) - 1), ptr);
-  const __m512i w = _mm512_permutexvar_epi64(_mm512_setr_epi64(0, 4, 1, 5, 2, 6, 3, 7), v);
-  a = _mm512_castsi512_ps(_mm512_unpacklo_epi16(_mm512_setzero_si512(), w));
-  b = _mm512_castsi512_ps(_mm512_unpackhi_epi16(_mm512_setzero_si512(), w));
+// The 2*kW 16-bit values at ptr, or the n < 2*kW there zero-padded.
+template <typename T>
+C10_ALWAYS_INLINE __m512i load_16bit_bits(const T* ptr, int64_t n) {
+  return n >= 2 * kW ? _mm512_loadu_si512(ptr) : _mm512_maskz_loadu_epi16(static_cast<__mmask32>((1ULL << n) - 1), ptr);
 }
-#elif defined(CPU_CAPABILITY_AVX2)
 C10_ALWAYS_INLINE void load_16bit(const c10::BFloat16* ptr, int64_t n, fVec& a, fVec& b) {
-  __m256i v;
-  if (n >= 2 * kW) {
-    v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(ptr));
-  } else {
-    alignas(32) c10::BFloat16 tmp[2 * kW] = {};
-    std::memcpy(tmp, ptr, n * sizeof(c10::BFloat16));
-    v = _mm256_load_si256(reinterpret_cast<const __m256i*>(tmp));
-  }
-  v = _mm256_permute4x64_epi64(v, 0xd8);
-  a = _mm256_castsi256_ps(_mm256_unpacklo_epi16(_mm256_setzero_si256(), v));
-  b = _mm256_castsi256_ps(_mm256_unpackhi_epi16(_mm256_setzero_si256(), v));
+  const __m512i v = _mm512_permutexvar_epi64(_mm512_setr_epi64(0, 4, 1, 5, 2, 6, 3, 7), load_16bit_bits(ptr, n));
+  a = _mm512_castsi512_ps(_mm512_unpacklo_epi16(_mm512_setzero_si512(), v));
+  b = _mm512_castsi512_ps(_mm512_unpackhi_epi16(_mm512_setzero_si512(), v));
 }
-#endif
-
-// fp16 -> fp32 with the conversion reading memory: two vcvtph2ps per 2*kW values instead of a
-// whole-vector load, an extract and two conversions (ATen's).  Exact, as ATen's: every fp16 value,
-// subnormals included, is an fp32 value.  Stores keep ATen's conversion (vcvtps2ph, round to nearest even).
-#if defined(CPU_CAPABILITY_AVX512)
 C10_ALWAYS_INLINE void load_16bit(const c10::Half* ptr, int64_t n, fVec& a, fVec& b) {
-  if (n >= 2 * kW) {
+  if (n >= 2 * kW) {  // the conversions read memory
     a = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(ptr)));
     b = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(ptr + kW)));
   } else {
-    const int64_t na = std::min<int64_t>(n, kW), nb = std::max<int64_t>(n - kW, 0);
-    a = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(static_cast<__mmask16>((1u << na) - 1), ptr));
-    b = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(static_cast<__mmask16>((1u << nb) - 1), ptr + kW));
+    const __m512i v = load_16bit_bits(ptr, n);
+    a = _mm512_cvtph_ps(_mm512_castsi512_si256(v));
+    b = _mm512_cvtph_ps(_mm512_extracti64x4_epi64(v, 1));
   }
 }
 #elif defined(CPU_CAPABILITY_AVX2)
+// The 2*kW 16-bit values at ptr, or the n < 2*kW there zero-padded (AVX2 has no 16-bit masked load).  The
+// clamp tells GCC that n is in range: inlined into the 8-bit loop it warns of a negative n otherwise.
+template <typename T>
+C10_ALWAYS_INLINE __m256i load_16bit_bits(const T* ptr, int64_t n) {
+  if (n >= 2 * kW) return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(ptr));
+  alignas(32) T tmp[2 * kW] = {};
+  std::memcpy(tmp, ptr, std::clamp<int64_t>(n, 0, 2 * kW) * sizeof(T));
+  return _mm256_load_si256(reinterpret_cast<const __m256i*>(tmp));
+}
+C10_ALWAYS_INLINE void load_16bit(const c10::BFloat16* ptr, int64_t n, fVec& a, fVec& b) {
+  const __m256i v = _mm256_permute4x64_epi64(load_16bit_bits(ptr, n), 0xd8);
+  a = _mm256_castsi256_ps(_mm256_unpacklo_epi16(_mm256_setzero_si256(), v));
+  b = _mm256_castsi256_ps(_mm256_unpackhi_epi16(_mm256_setzero_si256(), v));
+}
 C10_ALWAYS_INLINE void load_16bit(const c10::Half* ptr, int64_t n, fVec& a, fVec& b) {
-  const auto convert = [](const c10::Half* q) { return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q))); };
-  if (n >= 2 * kW) {
-    a = convert(ptr), b = convert(ptr + kW);
+  if (n >= 2 * kW) {  // the conversions read memory
+    a = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(ptr)));
+    b = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(ptr + kW)));
   } else {
-    alignas(32) c10::Half tmp[2 * kW] = {};
-    // 0 <= n < 2*kW here; the clamp tells GCC so (inlined into the 8-bit loop it warns of a negative n).
-    std::memcpy(tmp, ptr, std::clamp<int64_t>(n, 0, 2 * kW) * sizeof(c10::Half));
-    a = convert(tmp), b = convert(tmp + kW);
+    const __m256i v = load_16bit_bits(ptr, n);
+    a = _mm256_cvtph_ps(_mm256_castsi256_si128(v));
+    b = _mm256_cvtph_ps(_mm256_extracti128_si256(v, 1));
   }
 }
 #endif

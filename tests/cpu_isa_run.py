@@ -11,6 +11,7 @@ import sys
 import torch
 
 import adan_plugin._C  # noqa: F401  (registers the ops)
+from adan_plugin.functional import STATE_KEYS
 from q8_spec import threshold_cases
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -98,7 +99,7 @@ def q8_threshold_runs():
     ops = torch.ops.adan_plugin
     out = {}
     for key, _, g in threshold_cases():
-        k, n = ("exp_avg", "exp_avg_sq").index(key), g.numel()
+        k, n = STATE_KEYS.index(key), g.numel()
         codes = [torch.zeros(n, dtype=torch.uint8 if j == 1 else torch.int8) for j in range(4)]
         scales = [torch.zeros((n + 255) // 256) for _ in range(4)]
         ops.fused_adan_([torch.zeros(n)], [g.clone()], *[[c] for c in codes], lr=0.0, beta1=0.0, beta2=0.0,
